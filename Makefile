@@ -1,0 +1,35 @@
+# qdetr developer commands. `make demo` and `make test` work on a fresh clone:
+# they create .venv on first use and install qdetr with the pinned torch/torchvision.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qdetr-installed
+OUT    ?= outputs/demo
+
+.PHONY: demo test test-fast bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default data.
+demo: $(STAMP)
+	$(BIN)/python -m qdetr demo --out $(OUT)
+
+## The whole test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## Tests without the few full-size ones.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## Benchmarks (print figures; see docs/performance.md).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_fake_quant.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

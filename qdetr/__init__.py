@@ -1,0 +1,35 @@
+"""qdetr: low-bit quantization-aware training and Q-DETR distillation for DETR detectors.
+
+The top-level API, grouped by role:
+
+* quantization: :func:`quantize_model`, :class:`QuantConfig`, :func:`quant_summary`, :func:`calibrate`;
+* distillation: :class:`DistillationLoss`;
+* models: :func:`create_model`, :func:`list_models`, :func:`post_process_object_detection`;
+* model zoo: :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`.
+"""
+
+__version__ = "0.1.0"
+
+from qdetr.distill import DistillationLoss
+from qdetr.models import create_model, list_models, post_process_object_detection
+from qdetr.quant import QuantConfig, calibrate, quant_summary, quantize_model
+from qdetr.zoo import from_pretrained, list_pretrained, save_pretrained
+
+__all__ = [
+    "__version__",
+    # quantization
+    "quantize_model",
+    "QuantConfig",
+    "quant_summary",
+    "calibrate",
+    # distillation
+    "DistillationLoss",
+    # models
+    "create_model",
+    "list_models",
+    "post_process_object_detection",
+    # model zoo
+    "from_pretrained",
+    "list_pretrained",
+    "save_pretrained",
+]

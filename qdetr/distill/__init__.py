@@ -1,0 +1,47 @@
+"""Q-DETR distillation: distribution alignment, foreground-aware query matching and the DRD loss.
+
+See ``docs/distillation.md`` for a training-step example (qdetr DETR/SMCA and Hugging Face DETR).
+"""
+
+from qdetr.distill.adapters import (
+    FEATURE_KEYS,
+    CoAttentionCapture,
+    capture_co_attention,
+    find_decoder_cross_attention,
+    get_co_attn_features,
+    get_pred_boxes,
+)
+from qdetr.distill.alignment import DistributionAlignment, insert_distribution_alignment
+from qdetr.distill.config import DistillationConfig
+from qdetr.distill.fqm import (
+    match_teacher_queries,
+    select_foreground_queries,
+    stack_target_boxes,
+    teacher_matching_score,
+)
+from qdetr.distill.loss import DistillationLoss, fake_quantize_teacher_4bit
+from qdetr.distill.teacher import FrozenTeacher
+
+__all__ = [
+    # loss and its settings
+    "DistillationLoss",
+    "DistillationConfig",
+    # distribution alignment (inner level)
+    "DistributionAlignment",
+    "insert_distribution_alignment",
+    # foreground-aware query matching (upper level)
+    "stack_target_boxes",
+    "select_foreground_queries",
+    "teacher_matching_score",
+    "match_teacher_queries",
+    # teacher and adapters
+    "FrozenTeacher",
+    "FEATURE_KEYS",
+    "CoAttentionCapture",
+    "capture_co_attention",
+    "find_decoder_cross_attention",
+    "get_co_attn_features",
+    "get_pred_boxes",
+    # released-code extra (not in the paper)
+    "fake_quantize_teacher_4bit",
+]

@@ -1,0 +1,142 @@
+"""Distribution alignment (DA), the inner level of Q-DETR's distillation (method.md 6.1, Eq. 2.30-2.32).
+
+The student's attention query is standardised per (token, head) over its ``d_h`` channels
+and re-scaled by a learnable affine shared by all heads:
+
+    q* = (q - mean(q)) / sqrt(var(q) + eps) * weight + bias
+
+``unbiased=True`` uses the unbiased variance (factor d_h / (d_h - 1)) as the released
+checkpoints do; the default is the biased estimator.
+
+:func:`insert_distribution_alignment` places one module into the ``q_align`` slot of a
+model's decoder attention (:class:`qdetr.layers.MultiheadAttention` or any attention module
+with a ``q_align`` slot): ``where="cross"`` is the paper's co-attention query (paper profile),
+``where="self"`` the decoder self-attention query (released checkpoints, seed profile).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+__all__ = ["DistributionAlignment", "insert_distribution_alignment"]
+
+_ATTENTION_NAMES = {
+    # decoder cross-attention: facebookresearch/detr and qdetr / Hugging Face
+    "cross": ("multihead_attn", "encoder_attn"),
+    # decoder self-attention
+    "self": ("self_attn",),
+}
+
+
+class DistributionAlignment(nn.Module):
+    """Standardise a per-head query and apply a learnable affine.
+
+    Args:
+        head_dim: d_h, the size of the last axis.
+        eps: added to the variance (1e-5 as in the paper).
+        unbiased: use the unbiased variance estimator (seed checkpoints) instead of the biased one.
+
+    Shapes:
+        input and output: (B, h, L, d_h); statistics are taken over the last axis.
+
+    Example:
+        >>> da = DistributionAlignment(32)
+        >>> q = torch.randn(2, 8, 300, 32)
+        >>> da(q).shape
+        torch.Size([2, 8, 300, 32])
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-5, unbiased: bool = False) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.eps = eps
+        self.unbiased = unbiased
+        # gamma = 1 and beta = 0 at construction; not touched by Xavier resets (1-D tensors).
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.bias = nn.Parameter(torch.zeros(head_dim))
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, eps={self.eps}, unbiased={self.unbiased}"
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        mean = q.mean(dim=-1, keepdim=True)
+        var = q.var(dim=-1, keepdim=True, unbiased=self.unbiased)
+        return (q - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def _head_dim(attention: nn.Module) -> int:
+    head_dim = getattr(attention, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    embed_dim, num_heads = getattr(attention, "embed_dim", None), getattr(attention, "num_heads", None)
+    if isinstance(embed_dim, int) and isinstance(num_heads, int) and num_heads > 0:
+        return embed_dim // num_heads
+    raise ValueError(f"{type(attention).__name__} exposes neither head_dim nor embed_dim/num_heads")
+
+
+def _reference_tensor(attention: nn.Module) -> torch.Tensor | None:
+    for tensor in attention.parameters(recurse=True):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def insert_distribution_alignment(
+    model: nn.Module,
+    where: str = "cross",
+    unbiased: bool = False,
+    *,
+    eps: float = 1e-5,
+) -> list[str]:
+    """Put a :class:`DistributionAlignment` into the ``q_align`` slot of every decoder attention.
+
+    Only decoder layers are touched (module names containing ``decoder.``); encoder
+    self-attention never gets DA. The new modules follow the attention's device and dtype,
+    start as the identity affine (weight 1, bias 0) and are registered submodules, so they are
+    saved in the ``state_dict`` and trained with the model.
+
+    Args:
+        model: the detector, modified in place.
+        where: ``"cross"`` (decoder ``multihead_attn`` / ``encoder_attn``, the paper's
+            co-attention query) or ``"self"`` (decoder ``self_attn``, the released checkpoints).
+        unbiased: unbiased variance (released checkpoints) instead of the biased one.
+        eps: variance epsilon.
+
+    Returns:
+        Names of the attention modules that received DA, in module order.
+
+    Raises:
+        ValueError: for an unknown ``where``, when no matching attention has a ``q_align``
+            slot, or when a slot already holds something other than ``nn.Identity``.
+    """
+    if where not in _ATTENTION_NAMES:
+        raise ValueError(f"where must be 'cross' (paper) or 'self' (released checkpoints), got {where!r}")
+    pattern = re.compile(r"(?:^|\.)decoder\.(?:.*\.)?(?:" + "|".join(_ATTENTION_NAMES[where]) + r")$")
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if pattern.search(name) and hasattr(module, "q_align")
+    ]
+    if not targets:
+        names = " / ".join(_ATTENTION_NAMES[where])
+        raise ValueError(
+            f"{type(model).__name__} has no decoder attention named {names} with a 'q_align' slot; build the "
+            "model with qdetr.layers.MultiheadAttention (qdetr models do) or, for Hugging Face models, call "
+            "qdetr.quant.quantize_model first if its attention wrapper provides the slot"
+        )
+    for name, module in targets:
+        if not isinstance(module.q_align, nn.Identity):
+            raise ValueError(
+                f"{name}.q_align already holds {type(module.q_align).__name__}; insert distribution alignment "
+                "once per model (reset the slot to nn.Identity() to replace it)"
+            )
+    for name, module in targets:
+        align = DistributionAlignment(_head_dim(module), eps=eps, unbiased=unbiased)
+        ref = _reference_tensor(module)
+        if ref is not None:
+            align = align.to(device=ref.device, dtype=ref.dtype)
+        module.q_align = align
+    return [name for name, _ in targets]

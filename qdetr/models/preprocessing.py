@@ -1,0 +1,170 @@
+"""Image preprocessing for DETR-family models (the ``DetrImageProcessor`` recipe).
+
+1. resize so that the shorter side is ``shortest_edge`` (800) unless the longer side would
+   exceed ``longest_edge`` (1333), keeping the aspect ratio (facebookresearch/detr
+   ``get_size_with_aspect_ratio``), bilinear with antialiasing;
+2. scale to [0, 1] and normalise with the ImageNet mean and std;
+3. pad bottom/right with zeros to the largest image of the batch and build ``pixel_mask``
+   (1 = real pixel, 0 = padding).
+
+Accepted images: ``PIL.Image.Image`` (converted to RGB), ``torch.Tensor`` (3, H, W) uint8 or
+float in [0, 1], or ``numpy.ndarray`` (H, W, 3) uint8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PreprocessingConfig",
+    "resized_size_hw",
+    "image_to_tensor",
+    "pad_and_mask",
+    "preprocess_images",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessingConfig:
+    """Resize, normalisation and padding settings.
+
+    Attributes:
+        shortest_edge: target length of the shorter side (pixels).
+        longest_edge: upper bound on the longer side; None = unbounded.
+        do_resize: resize at all.
+        image_mean, image_std: per-channel normalisation (RGB, on [0, 1] values).
+    """
+
+    shortest_edge: int = 800
+    longest_edge: int | None = 1333
+    do_resize: bool = True
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.shortest_edge < 1:
+            raise ValueError(f"shortest_edge must be >= 1, got {self.shortest_edge}")
+        if self.longest_edge is not None and self.longest_edge < self.shortest_edge:
+            raise ValueError(
+                f"longest_edge ({self.longest_edge}) must be >= shortest_edge ({self.shortest_edge}) or None"
+            )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError("image_mean and image_std need 3 values each, with std > 0")
+
+
+def resized_size_hw(height: int, width: int, shortest_edge: int, longest_edge: int | None) -> tuple[int, int]:
+    """Output (height, width) of the DETR resize rule."""
+    size = shortest_edge
+    if longest_edge is not None:
+        min_side, max_side = float(min(height, width)), float(max(height, width))
+        if max_side / min_side * size > longest_edge:
+            size = int(round(longest_edge * min_side / max_side))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """Convert one image to a (3, H, W) float32 tensor in [0, 1].
+
+    Raises:
+        TypeError: for unsupported image types.
+        ValueError: for a wrong number of channels.
+    """
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        tensor = TF.pil_to_tensor(image.convert("RGB"))
+    elif isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"numpy images must be (H, W, 3) RGB, got shape {image.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        tensor = image
+    else:
+        raise TypeError(
+            f"unsupported image type {type(image).__name__}; pass PIL images, (3, H, W) tensors or (H, W, 3) arrays"
+        )
+    if tensor.dim() != 3 or tensor.shape[0] != 3:
+        raise ValueError(
+            f"image tensors must be (3, H, W) RGB, got shape {tuple(tensor.shape)}; "
+            "convert grayscale/RGBA to RGB and use channels-first order"
+        )
+    if tensor.dtype == torch.uint8:
+        return tensor.float() / 255.0
+    if not tensor.is_floating_point():
+        raise TypeError(f"image tensors must be uint8 or floating point in [0, 1], got {tensor.dtype}")
+    return tensor.float()
+
+
+def pad_and_mask(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad (3, h_i, w_i) images bottom/right to a batch.
+
+    Returns:
+        ``(pixel_values (B, 3, H, W), pixel_mask (B, H, W) int64)`` with 1 on real pixels.
+    """
+    if len(images) == 0:
+        raise ValueError("no images to pad; pass at least one image")
+    height = max(int(im.shape[-2]) for im in images)
+    width = max(int(im.shape[-1]) for im in images)
+    first = images[0]
+    pixel_values = first.new_zeros((len(images), first.shape[0], height, width))
+    pixel_mask = torch.zeros((len(images), height, width), dtype=torch.int64, device=first.device)
+    for i, im in enumerate(images):
+        h, w = im.shape[-2:]
+        pixel_values[i, :, :h, :w] = im
+        pixel_mask[i, :h, :w] = 1
+    return pixel_values, pixel_mask
+
+
+def preprocess_images(images, config: PreprocessingConfig | None = None) -> dict[str, torch.Tensor]:
+    """Resize, normalise and pad a list of images.
+
+    Args:
+        images: one image or a sequence of images (see the module docstring).
+        config: settings; defaults to shortest 800 / longest 1333, ImageNet normalisation.
+
+    Returns:
+        dict with ``pixel_values`` (B, 3, H, W) float32, ``pixel_mask`` (B, H, W) int64 (1 =
+        real pixel), ``original_sizes`` (B, 2) and ``sizes`` (B, 2) as (height, width) before
+        and after the resize (pass ``original_sizes`` to ``post_process_object_detection``).
+    """
+    config = config or PreprocessingConfig()
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError("preprocess_images got an empty list; pass at least one image")
+    mean = torch.tensor(config.image_mean).view(3, 1, 1)
+    std = torch.tensor(config.image_std).view(3, 1, 1)
+    processed, original_sizes, sizes = [], [], []
+    for image in images:
+        tensor = image_to_tensor(image)
+        h, w = tensor.shape[-2:]
+        original_sizes.append((h, w))
+        if config.do_resize:
+            new_h, new_w = resized_size_hw(h, w, config.shortest_edge, config.longest_edge)
+            if (new_h, new_w) != (h, w):
+                tensor = TF.resize(tensor, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        sizes.append(tuple(tensor.shape[-2:]))
+        processed.append((tensor - mean.to(tensor.device)) / std.to(tensor.device))
+    pixel_values, pixel_mask = pad_and_mask(processed)
+    return {
+        "pixel_values": pixel_values,
+        "pixel_mask": pixel_mask,
+        "original_sizes": torch.tensor(original_sizes, dtype=torch.int64),
+        "sizes": torch.tensor(sizes, dtype=torch.int64),
+    }

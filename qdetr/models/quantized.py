@@ -1,0 +1,78 @@
+"""Quantized SMCA-DETR as in Q-DETR (method.md 4, 5.3, 6): built with :mod:`qdetr.quant`.
+
+``build_qdetr_smca(config, bits=4, profile="seed")``:
+
+1. builds :class:`~qdetr.models.smca.SmcaDetr` from ``config`` (for the release layout:
+   ``backbone_unit="bireal"``, ``query_width = 2 * hidden_dim``);
+2. places :class:`qdetr.distill.alignment.DistributionAlignment` (``head_dim``) in the
+   ``q_align`` slot of every decoder **self**-attention (``"seed"`` profile, unbiased variance
+   as in the released checkpoints) or every decoder **cross**-attention (``"paper"``
+   profile, biased variance);
+3. calls :func:`qdetr.quant.quantize_model` with ``bits`` and ``profile`` (or a full
+   ``QuantConfig``), which decides which layers get which bits.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qdetr.models.config import SmcaConfig
+from qdetr.models.smca import SmcaDetr
+
+__all__ = ["build_qdetr_smca", "place_distribution_alignment", "PROFILES_DA_SLOT"]
+
+#: Which decoder attention gets distribution alignment in each profile.
+PROFILES_DA_SLOT = {"seed": "self_attn", "paper": "multihead_attn"}
+
+
+def place_distribution_alignment(model: SmcaDetr, profile: str) -> list[str]:
+    """Put a ``DistributionAlignment`` in the ``q_align`` slot of the decoder attentions of ``profile``.
+
+    Returns:
+        Qualified names of the attention modules that received one.
+    """
+    from qdetr.distill.alignment import DistributionAlignment
+
+    if profile not in PROFILES_DA_SLOT:
+        raise ValueError(f"profile must be one of {sorted(PROFILES_DA_SLOT)}, got {profile!r}")
+    slot = PROFILES_DA_SLOT[profile]
+    names = []
+    for i, layer in enumerate(model.transformer.decoder.layers):
+        attn = getattr(layer, slot)
+        attn.q_align = DistributionAlignment(attn.head_dim, unbiased=(profile == "seed"))
+        names.append(f"transformer.decoder.layers.{i}.{slot}")
+    return names
+
+
+def build_qdetr_smca(
+    config: SmcaConfig,
+    *,
+    bits: int = 4,
+    profile: str = "seed",
+    quant_config=None,
+) -> nn.Module:
+    """Quantized SMCA-DETR.
+
+    Args:
+        config: the float architecture (:class:`~qdetr.models.config.SmcaConfig`).
+        bits: b of "W b / A b / Attn 8" (2, 3 or 4 for the Q-DETR settings).
+        profile: ``"seed"`` (released checkpoints) or ``"paper"``.
+        quant_config: a full ``qdetr.quant.QuantConfig``; overrides ``bits`` and ``profile``
+            (its ``profile`` decides the alignment slot).
+
+    Returns:
+        The quantized model (quantizer steps of activations still to be calibrated or loaded).
+    """
+    from qdetr.quant import quantize_model
+
+    if not isinstance(config, SmcaConfig):
+        raise TypeError(f"build_qdetr_smca needs an SmcaConfig, got {type(config).__name__}")
+    if quant_config is not None:
+        profile = quant_config.profile
+    model = SmcaDetr(config)
+    place_distribution_alignment(model, profile)
+    if quant_config is not None:
+        quantize_model(model, config=quant_config)
+    else:
+        quantize_model(model, bits, profile=profile)
+    return model

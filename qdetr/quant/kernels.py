@@ -1,0 +1,205 @@
+"""Elementwise fake-quantization kernels, eager or compiled.
+
+The autograd functions of :mod:`qdetr.quant.primitives` call the four kernels below. Two
+implementations exist:
+
+* ``"eager"`` (default): PyTorch operations, in place on freshly allocated buffers, so a
+  forward pass costs one allocation and a backward pass three. The operations and their
+  order match the closed form exactly.
+* ``"compiled"``: the same formulas compiled once per tensor rank with ``torch.compile``
+  (dynamic shapes) into fused loops: one pass over memory in forward, two in backward.
+  Forward outputs are bit-identical to ``"eager"``; step-size and zero-point gradients are
+  sums whose order differs, so they agree to float rounding. The first call of each rank
+  costs a few seconds of compilation, which pays off in training runs. Select it with
+  :func:`set_kernel_backend` or the ``QDETR_QUANT_KERNELS=compiled`` environment variable.
+  If compilation fails (no C++ compiler, unsupported platform), qdetr warns once and falls
+  back to ``"eager"``.
+
+Inside a ``torch.compile`` region the eager formulas are always used (the outer compiler
+fuses them itself).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["set_kernel_backend", "get_kernel_backend", "weight_forward", "weight_backward", "act_forward", "act_backward"]
+
+_BACKENDS = ("eager", "compiled")
+_state = {"backend": os.environ.get("QDETR_QUANT_KERNELS", "eager"), "compiled": None}
+if _state["backend"] not in _BACKENDS:
+    raise ValueError(f"QDETR_QUANT_KERNELS must be one of {_BACKENDS}; got {_state['backend']!r}")
+
+
+def set_kernel_backend(name: str) -> None:
+    """Choose ``"eager"`` or ``"compiled"`` fake-quantization kernels (see the module docstring)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"kernel backend must be one of {_BACKENDS}; got {name!r}")
+    _state["backend"] = name
+
+
+def get_kernel_backend() -> str:
+    """The active kernel backend."""
+    return _state["backend"]
+
+
+# ----------------------------------------------------------------------------- eager
+
+
+def _weight_forward_eager(w, s, qn: int, qp: int):
+    return torch.div(w, s).clamp_(qn, qp).round_().mul_(s)
+
+
+def _weight_backward_eager(w, s, grad, qn: int, qp: int):
+    v = torch.div(w, s)
+    q = v.clamp(qn, qp)
+    outside = q != v
+    grad_w = grad.masked_fill(outside, 0.0)
+    # inside: round(v) - v; below: Qn; above: Qp  ->  round(clip(v)) - (v inside, 0 outside)
+    d_scale = q.round_().sub_(v.masked_fill_(outside, 0.0))
+    return grad_w, d_scale.mul_(grad).sum_to_size(s.shape)
+
+
+def _act_forward_eager(x, s, z, qn: int, qp: int):
+    zr = torch.round(z)
+    return torch.div(x, s).add_(zr).clamp_(qn, qp).round_().sub_(zr).mul_(s)
+
+
+def _act_backward_eager(x, s, z, grad, qn: int, qp: int):
+    zr = torch.round(z)
+    v = torch.div(x, s).add_(zr)
+    q = v.clamp(qn, qp)
+    outside = q != v
+    grad_x = grad.masked_fill(outside, 0.0)
+    # inside: round(x/s + z) - z - x/s = q - v; clipped: Qn - z or Qp - z, i.e.
+    # q - where(inside, v, z) computed in place as q - (((v - z) masked to 0 outside) + z).
+    d_scale = q.round_().sub_(v.sub_(zr).masked_fill_(outside, 0.0).add_(zr))
+    grad_s = d_scale.mul_(grad).sum_to_size(s.shape)
+    # inside: 0; clipped: -s  ->  -s * (sum(grad) - sum(grad inside)).
+    grad_z = (grad_x.sum_to_size(z.shape) - grad.sum_to_size(z.shape)) * s
+    return grad_x, grad_s, grad_z
+
+
+# -------------------------------------------------------------------------- compiled
+
+
+def _weight_backward_pure(w, s, grad, qn: int, qp: int):
+    v = w / s
+    q = v.clamp(qn, qp)
+    outside = q != v
+    grad_w = torch.where(outside, 0.0, grad)
+    d_scale = torch.round(q) - torch.where(outside, 0.0, v)
+    return grad_w, (grad * d_scale).sum_to_size(s.shape)
+
+
+def _weight_forward_pure(w, s, qn: int, qp: int):
+    return torch.round((w / s).clamp(qn, qp)) * s
+
+
+def _act_forward_pure(x, s, z, qn: int, qp: int):
+    zr = torch.round(z)
+    return (torch.round((x / s + zr).clamp(qn, qp)) - zr) * s
+
+
+def _act_backward_pure(x, s, z, grad, qn: int, qp: int):
+    zr = torch.round(z)
+    v = x / s + zr
+    q = v.clamp(qn, qp)
+    outside = q != v
+    grad_x = torch.where(outside, 0.0, grad)
+    d_scale = torch.round(q) - torch.where(outside, zr, v)
+    grad_s = (grad * d_scale).sum_to_size(s.shape)
+    grad_z = (grad_x.sum_to_size(z.shape) - grad.sum_to_size(z.shape)) * s
+    return grad_x, grad_s, grad_z
+
+
+def _compiled():
+    if _state["compiled"] is None:
+        opts = {"dynamic": True, "fullgraph": True}
+        _state["compiled"] = {
+            "weight_forward": torch.compile(_weight_forward_pure, **opts),
+            "weight_backward": torch.compile(_weight_backward_pure, **opts),
+            "act_forward": torch.compile(_act_forward_pure, **opts),
+            "act_backward": torch.compile(_act_backward_pure, **opts),
+        }
+    return _state["compiled"]
+
+
+def _channel_axis(s: torch.Tensor) -> int | None:
+    axes = [i for i, n in enumerate(s.shape) if n != 1]
+    return axes[0] if len(axes) == 1 else None
+
+
+def _as_3d(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
+    """View ``t`` as (pre, C, post) around the channel axis (C = 1 per tensor)."""
+    if axis is None:
+        return t.view(1, 1, -1)
+    pre = 1
+    for n in t.shape[:axis]:
+        pre *= n
+    return t.view(pre, t.shape[axis], -1)
+
+
+def _compiled_call(name: str, big: list[torch.Tensor], small: list[torch.Tensor], ints: tuple):
+    """Run a compiled kernel on (pre, C, post) views; None if the inputs do not allow it."""
+    ref = big[0]
+    ndim = ref.dim()
+    if any(t.shape != ref.shape or not t.is_contiguous() for t in big):
+        return None
+    axis = _channel_axis(small[0])
+    if axis is None and small[0].numel() != 1:
+        return None
+    big3 = [_as_3d(t, axis, ndim) for t in big]
+    small3 = [t.reshape(1, -1, 1) for t in small]
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch({limit: 64}):
+        out = _compiled()[name](*big3[:1], *small3, *big3[1:], *ints)
+    outs = out if isinstance(out, tuple) else (out,)
+    restored = []
+    for o in outs:
+        if o.shape == big3[0].shape:
+            restored.append(o.view(ref.shape))
+        else:  # reduced step/zero-point gradient: back to the step's own shape
+            restored.append(o.view(small[0].shape))
+    return tuple(restored) if isinstance(out, tuple) else restored[0]
+
+
+def _dispatch(name: str, eager, big: list[torch.Tensor], small: list[torch.Tensor], ints: tuple):
+    if _state["backend"] == "compiled" and not torch.compiler.is_compiling():
+        try:
+            out = _compiled_call(name, big, small, ints)
+            if out is not None:
+                return out
+        except Exception as exc:  # compilation unavailable: fall back once, loudly
+            warnings.warn(
+                f"compiled fake-quantization kernels are unavailable ({type(exc).__name__}: {exc}); "
+                "falling back to eager kernels",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _state["backend"] = "eager"
+    args = big[:1] + small + big[1:]
+    return eager(*args, *ints)
+
+
+def weight_forward(w, s, qn: int, qp: int):
+    """``round(clip(w / s, Qn, Qp)) * s``."""
+    return _dispatch("weight_forward", _weight_forward_eager, [w], [s], (qn, qp))
+
+
+def weight_backward(w, s, grad, qn: int, qp: int):
+    """``(grad_w, grad_s)`` before the LSQ gradient scale (method.md section 2)."""
+    return _dispatch("weight_backward", _weight_backward_eager, [w, grad], [s], (qn, qp))
+
+
+def act_forward(x, s, z, qn: int, qp: int):
+    """``(round(clip(x / s + round(z), Qn, Qp)) - round(z)) * s``."""
+    return _dispatch("act_forward", _act_forward_eager, [x], [s, z], (qn, qp))
+
+
+def act_backward(x, s, z, grad, qn: int, qp: int):
+    """``(grad_x, grad_s, grad_z)`` before the LSQ gradient scale (method.md section 3.2)."""
+    return _dispatch("act_backward", _act_backward_eager, [x, grad], [s, z], (qn, qp))

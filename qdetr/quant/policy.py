@@ -1,0 +1,132 @@
+"""Which layers get which bits: module roles and the ``"paper"`` / ``"seed"`` profiles.
+
+The tables follow method.md section 4 ("W b / A b / Attn 8"):
+
+============================  =====================  ==================================
+role                          ``"seed"``             ``"paper"``
+============================  =====================  ==================================
+stem conv (3 input channels)  W8 / A8                W8 / A8
+conv                          Wb / Ab                Wb / Ab
+``downsample`` / shortcut     float                  float (``quantize_downsample``)
+``input_proj``                float                  float
+heads, ``query_embed``,       float                  float
+SMCA ``point1/2/3``
+FFN ``linear1`` / ``linear2`` Wb / Ab (A unsigned    Wb / Ab (A unsigned for linear2)
+                              for linear2)
+self-attention                proj W b, inputs float proj W b / A b, out W b / A b
+                              out W b / input float
+cross-attention               all projections float  proj W b / A b, out W b / A b
+q, k, v, softmax              A8 per head            A8 per head
+other Linear                  Wb / Ab                Wb / Ab
+============================  =====================  ==================================
+
+Roles are decided from module types and qualified names (``downsample``, ``input_proj``,
+``class_embed``, ``multihead_attn``/``encoder_attn``, ...), which covers qdetr models,
+facebookresearch/detr-style models, torchvision ResNets and Hugging Face DETR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from qdetr.quant.config import AttentionQuantSpec, LayerQuantSpec, QuantConfig
+
+__all__ = ["Role", "classify_linear_or_conv", "classify_attention", "plan_layer", "plan_attention", "FloatReason"]
+
+#: Name parts of prediction heads and other layers kept in float by both profiles.
+HEAD_NAMES = frozenset(
+    {
+        "class_embed",
+        "bbox_embed",
+        "class_labels_classifier",
+        "bbox_predictor",
+        "fc",
+        "classifier",
+        "head",
+        "query_embed",
+        "point1",
+        "point2",
+        "point3",
+    }
+)
+INPUT_PROJ_NAMES = frozenset({"input_proj", "input_projection"})
+DOWNSAMPLE_NAMES = frozenset({"downsample", "shortcut"})
+CROSS_ATTENTION_NAMES = frozenset({"multihead_attn", "encoder_attn", "cross_attn", "cross_attention"})
+FFN_IN_NAMES = frozenset({"linear1", "fc1"})
+FFN_OUT_NAMES = frozenset({"linear2", "fc2"})
+
+Role = str
+
+
+@dataclass(frozen=True)
+class FloatReason:
+    """Why a Conv2d/Linear/attention module stays in float."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def classify_linear_or_conv(name: str, module: nn.Module, is_stem: bool) -> Role:
+    """Role of a Conv2d/Linear: ``stem``, ``downsample``, ``input_proj``, ``head``, ``ffn_in``,
+    ``ffn_out``, ``conv`` or ``linear``."""
+    parts = set(name.split("."))
+    leaf = name.rsplit(".", 1)[-1]
+    if parts & HEAD_NAMES:
+        return "head"
+    if parts & INPUT_PROJ_NAMES:
+        return "input_proj"
+    if isinstance(module, nn.Conv2d):
+        if is_stem:
+            return "stem"
+        if parts & DOWNSAMPLE_NAMES:
+            return "downsample"
+        return "conv"
+    if leaf in FFN_IN_NAMES:
+        return "ffn_in"
+    if leaf in FFN_OUT_NAMES:
+        return "ffn_out"
+    return "linear"
+
+
+def classify_attention(name: str) -> Role:
+    """``cross_attn`` when a name part says so (``multihead_attn``, ``encoder_attn``), else ``self_attn``."""
+    return "cross_attn" if set(name.split(".")) & CROSS_ATTENTION_NAMES else "self_attn"
+
+
+def plan_layer(role: Role, config: QuantConfig, bits_override: int | None = None) -> LayerQuantSpec | FloatReason:
+    """Resolve the quantization of a Conv2d/Linear with the given role under ``config``."""
+    b = bits_override if bits_override is not None else config.bits
+    a = bits_override if bits_override is not None else config.activation_bits
+    common = {"weight": config.weight, "activation": config.activation}
+    if role == "head":
+        return FloatReason("prediction head / query / SMCA point predictor (float in every profile)")
+    if role == "input_proj":
+        return FloatReason("input_proj (float in every profile)")
+    if role == "downsample" and not config.quantize_downsample:
+        return FloatReason("residual downsample (float; set quantize_downsample=True to quantize)")
+    if role == "stem":
+        sb = bits_override if bits_override is not None else config.stem_bits
+        return LayerQuantSpec(weight_bits=sb, input_bits=sb, input_signed=True, **common)
+    if role == "ffn_in":
+        return LayerQuantSpec(weight_bits=b, input_bits=a, input_signed=True, **common)
+    if role == "ffn_out":
+        return LayerQuantSpec(weight_bits=b, input_bits=a, input_signed=False, **common)
+    # conv, downsample (opted in), generic linear: signedness detected from data.
+    return LayerQuantSpec(weight_bits=b, input_bits=a, input_signed="auto", **common)
+
+
+def plan_attention(role: Role, config: QuantConfig, bits_override: int | None = None) -> AttentionQuantSpec:
+    """Resolve the quantization of an attention module (``self_attn`` or ``cross_attn``)."""
+    b = bits_override if bits_override is not None else config.bits
+    a = bits_override if bits_override is not None else config.activation_bits
+    common = {"weight": config.weight, "activation": config.activation, "attn_bits": config.attn_bits}
+    if config.profile == "paper":
+        return AttentionQuantSpec(proj_weight_bits=b, proj_input_bits=a, out_weight_bits=b, out_input_bits=a, **common)
+    # seed profile
+    if role == "cross_attn":
+        return AttentionQuantSpec(proj_weight_bits=None, proj_input_bits=None, out_weight_bits=None, out_input_bits=None, **common)
+    return AttentionQuantSpec(proj_weight_bits=b, proj_input_bits=None, out_weight_bits=b, out_input_bits=None, **common)

@@ -1,0 +1,121 @@
+"""``quant_summary``: per-layer bit widths and coverage of a quantized model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qdetr.layers.attention import MultiheadAttention
+from qdetr.quant.api import REPORT_ATTR
+from qdetr.quant.attention import QuantMultiheadAttention, _hf_projection_names, is_hf_attention
+from qdetr.quant.modules import QuantConv2d, QuantLinear
+from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
+
+__all__ = ["QuantSummary", "LayerSummary", "quant_summary"]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One row: module name, kind (``conv``/``linear``/``attention``), bits and status."""
+
+    name: str
+    kind: str
+    weight_bits: str
+    input_bits: str
+    attn_bits: str
+    status: str
+
+
+@dataclass
+class QuantSummary:
+    """Per-layer table plus coverage counts ``{kind: (quantized, total)}``.
+
+    ``str(summary)`` renders a readable table.
+    """
+
+    layers: list[LayerSummary] = field(default_factory=list)
+
+    @property
+    def coverage(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for kind in ("conv", "linear", "attention"):
+            rows = [r for r in self.layers if r.kind == kind]
+            out[kind] = (sum(r.status.startswith("quantized") for r in rows), len(rows))
+        return out
+
+    @property
+    def float_layers(self) -> dict[str, str]:
+        """``{name: reason}`` for layers left in float."""
+        return {r.name: r.status for r in self.layers if not r.status.startswith("quantized")}
+
+    def __str__(self) -> str:
+        head = ("module", "kind", "W", "A", "attn", "status")
+        rows = [head] + [(r.name, r.kind, r.weight_bits, r.input_bits, r.attn_bits, r.status) for r in self.layers]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        cov = ", ".join(f"{k}: {q}/{t}" for k, (q, t) in self.coverage.items())
+        lines.append("")
+        lines.append(f"coverage (quantized/total): {cov}")
+        return "\n".join(lines)
+
+
+def _bits(q: nn.Module | None) -> str:
+    return str(q.bits) if isinstance(q, (LSQWeightQuantizer, LSQActQuantizer)) else "fp"
+
+
+def _sign(q: nn.Module | None) -> str:
+    if not isinstance(q, LSQActQuantizer):
+        return ""
+    if not q.is_initialized and q.signed_mode == "auto":
+        return "?"
+    return "s" if q._is_signed else "u"
+
+
+def quant_summary(model: nn.Module) -> QuantSummary:
+    """Describe what :func:`qdetr.quantize_model` did to ``model``.
+
+    Returns:
+        A :class:`QuantSummary`; ``print(summary)`` shows one row per Conv2d/Linear/attention
+        module with weight, input and attention bits (``s``/``u`` = signed/unsigned input,
+        ``?`` = not calibrated yet) and, for float layers, why they stayed float.
+    """
+    report: dict[str, str] = getattr(model, REPORT_ATTR, {})
+    summary = QuantSummary()
+    inside_attention: list[str] = []
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside_attention):
+            continue
+        if isinstance(m, (nn.MultiheadAttention, MultiheadAttention)) or is_hf_attention(m):
+            inside_attention.append(name)
+            if isinstance(m, QuantMultiheadAttention):
+                w, a = _bits(m.in_proj_weight_quantizer), _bits(m.q_input_quantizer)
+                out = m.out_proj
+            elif is_hf_attention(m):
+                first = getattr(m, _hf_projection_names(m)[0])
+                w = _bits(getattr(first, "weight_quantizer", None))
+                a = _bits(getattr(first, "input_quantizer", None))
+                out = getattr(m, "o_proj", None) or getattr(m, "out_proj", None)
+            else:
+                w = a = "fp"
+                out = None
+            if out is not None and isinstance(out, QuantLinear):
+                w += f"/out {_bits(out.weight_quantizer)}"
+                a += f"/out {_bits(out.input_quantizer)}"
+            attn = _bits(getattr(m, "q_quantizer", None))
+            status = report.get(name, "float: not quantized")
+            if attn == "fp" and w.startswith("fp") and status.startswith("quantized"):
+                status = "float"
+            summary.layers.append(LayerSummary(name, "attention", w, a, attn, status))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
+            if isinstance(m, (QuantConv2d, QuantLinear)):
+                w = _bits(m.weight_quantizer)
+                a = _bits(m.input_quantizer) + _sign(m.input_quantizer)
+                status = report.get(name, "quantized")
+            else:
+                w = a = "fp"
+                status = report.get(name, "float: not quantized")
+            summary.layers.append(LayerSummary(name, kind, w, a, "", status))
+    return summary

@@ -1,0 +1,342 @@
+"""qdetr's own format on disk and on the Hugging Face Hub.
+
+A saved model is a directory::
+
+    config.json         format_version, qdetr version, architecture (DetrConfig/SmcaConfig
+                        dict), quantization (QuantConfig dict), distribution-alignment slots,
+                        id2label, provenance, metrics
+    model.safetensors   the state dict with quantized weights bit-packed
+                        (see :mod:`qdetr.zoo.packed_state`)
+    README.md           model card (see :mod:`qdetr.zoo.model_card`)
+
+Loading rebuilds the (quantized) structure from ``config.json`` first, then loads the
+weights strictly; the fake-quant forward is reproduced bit-exactly. The same directory is a
+Hub repository: :func:`push_to_hub` uploads it, :func:`load_from_hub` reads it through
+``huggingface_hub.snapshot_download`` (so ``revision=`` pins and ``HF_HUB_OFFLINE=1`` uses
+the local Hub cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdetr.zoo.cache import write_json_atomic
+from qdetr.zoo.labels import default_id2label
+from qdetr.zoo.model_card import render_model_card
+from qdetr.zoo.packed_state import find_quantized_weights, load_packed_state, save_packed_state
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "MODEL_CARD_NAME",
+    "PRETRAINED_INFO_ATTR",
+    "model_config_dict",
+    "build_model_from_config",
+    "read_config",
+    "save_pretrained",
+    "load_pretrained_dir",
+    "load_from_hub",
+    "push_to_hub",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the directory layout / config.json schema written by this qdetr.
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_CARD_NAME = "README.md"
+#: Attribute of loaded models holding their ``config.json`` dict (provenance, metrics, name).
+PRETRAINED_INFO_ATTR = "qdetr_pretrained_config"
+_HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, "preprocessor_config.json"]
+
+
+def _qdetr_version() -> str:
+    import qdetr
+
+    return getattr(qdetr, "__version__", "unknown")
+
+
+def _alignment_slots(model: nn.Module) -> list[dict[str, Any]]:
+    """Attention modules whose ``q_align`` slot holds a distribution-alignment module."""
+    from qdetr.distill.alignment import DistributionAlignment
+
+    slots = []
+    for name, module in model.named_modules():
+        align = getattr(module, "q_align", None)
+        if isinstance(align, DistributionAlignment):
+            slots.append({"module": name, "head_dim": align.head_dim, "eps": align.eps, "unbiased": align.unbiased})
+    return slots
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def model_config_dict(
+    model: nn.Module,
+    *,
+    id2label: dict[int, str] | None = None,
+    provenance: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` content for ``model``.
+
+    Args:
+        model: a qdetr detector (``model.config`` is its architecture dataclass).
+        id2label: class names; default ``model.id2label``, else COCO names for 91 classes.
+        provenance: where the weights come from (source file, SHA-256, bits source, ...).
+        metrics: evaluation results, e.g. ``{"coco_val2017_box_ap": {"value": 38.5, "source": ...}}``.
+        name: zoo or display name.
+
+    Raises:
+        TypeError: if ``model`` has no architecture config (``model.config.to_dict``).
+    """
+    from qdetr.quant.api import CONFIG_ATTR
+
+    arch = getattr(model, "config", None)
+    if arch is None or not hasattr(arch, "to_dict"):
+        raise TypeError(
+            f"{type(model).__name__} has no architecture config (model.config with to_dict()); save_pretrained "
+            f"supports qdetr models built by qdetr.create_model / qdetr.models"
+        )
+    previous = getattr(model, PRETRAINED_INFO_ATTR, None) or {}
+    quant = getattr(model, CONFIG_ATTR, None)
+    labels = id2label if id2label is not None else getattr(model, "id2label", None)
+    if labels is None:
+        labels = default_id2label(arch.num_classes)
+    labels = {int(k): str(v) for k, v in labels.items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "library_name": "qdetr",
+        "qdetr_version": _qdetr_version(),
+        "name": name if name is not None else previous.get("name"),
+        "torch_dtype": str(_float_dtype(model)).removeprefix("torch."),
+        "architecture": arch.to_dict(),
+        "quantization": quant.to_dict() if quant is not None else None,
+        "alignment": _alignment_slots(model),
+        "id2label": {str(k): v for k, v in sorted(labels.items())},
+        "weights": {
+            "file": WEIGHTS_NAME,
+            "packed_weights": len(find_quantized_weights(model)),
+            "packing": "integer codes stored as (code - qmin) in an LSB-first bit stream; see qdetr.zoo.packing",
+        },
+        "provenance": provenance if provenance is not None else previous.get("provenance", {}),
+        "metrics": metrics if metrics is not None else previous.get("metrics", {}),
+    }
+
+
+def build_model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild the (quantized) module structure described by a ``config.json`` dict.
+
+    The float model comes from ``architecture``, distribution-alignment modules are placed
+    in the recorded ``q_align`` slots, then ``quantize_model`` applies the saved
+    ``QuantConfig``. Weights are random until loaded.
+
+    Raises:
+        ValueError: for a newer ``format_version`` or an invalid config.
+    """
+    from qdetr.distill.alignment import DistributionAlignment
+    from qdetr.models import build_model, config_from_dict
+    from qdetr.quant import QuantConfig, quantize_model
+
+    version = int(config.get("format_version", 0))
+    if version < 1 or version > FORMAT_VERSION:
+        raise ValueError(
+            f"config.json has format_version {config.get('format_version')!r}; this qdetr reads 1..{FORMAT_VERSION}"
+            f" (upgrade qdetr for newer files)"
+        )
+    model = build_model(config_from_dict(config["architecture"]))
+    for slot in config.get("alignment", []):
+        attention = model.get_submodule(slot["module"])
+        attention.q_align = DistributionAlignment(slot["head_dim"], eps=slot["eps"], unbiased=slot["unbiased"])
+    if config.get("quantization"):
+        quantize_model(model, config=QuantConfig.from_dict(config["quantization"]))
+    dtype = getattr(torch, str(config.get("torch_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config.json torch_dtype {config.get('torch_dtype')!r} is not a floating dtype")
+    return model.to(dtype)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    id2label: dict[int, str] | None = None,
+    provenance: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    model_card: bool = True,
+) -> Path:
+    """Save ``model`` as ``config.json`` + packed ``model.safetensors`` (+ ``README.md``).
+
+    Args:
+        model: a qdetr detector, quantized or float.
+        save_directory: created if missing; existing files of the same names are replaced
+            atomically (weights first, ``config.json`` last).
+        id2label, provenance, metrics, name: see :func:`model_config_dict`.
+        base_model: Hub id of the float model it derives from (model card front matter).
+        repo_id: Hub id used in the card's usage snippet.
+        model_card: also write ``README.md``.
+
+    Returns:
+        The directory.
+    """
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model_config_dict(model, id2label=id2label, provenance=provenance, metrics=metrics, name=name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_packed_state(model, tmp, extra_metadata={"qdetr_version": config["qdetr_version"]})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if model_card:
+        _write_text_atomic(directory / MODEL_CARD_NAME,
+                           render_model_card(model, config, repo_id=repo_id, base_model=base_model))
+    write_json_atomic(directory / CONFIG_NAME, config)
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and minimally validate ``config.json`` of a saved model directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_NAME}; it is not a qdetr model directory (save one with "
+            f"model.save_pretrained(dir), or pass a release .pth file)"
+        )
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("library_name") != "qdetr" or "architecture" not in config:
+        raise ValueError(f"{path} is not a qdetr config (library_name/architecture missing)")
+    return config
+
+
+def load_pretrained_dir(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained`, in eval mode.
+
+    Args:
+        directory: the saved directory (or a Hub snapshot of it).
+        device: where to put the model (default CPU).
+
+    Returns:
+        The model, with ``id2label`` and the ``config.json`` dict attached.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    model = build_model_from_config(config)
+    load_packed_state(model, weights)
+    model.id2label = {int(k): v for k, v in config.get("id2label", {}).items()}
+    setattr(model, PRETRAINED_INFO_ATTR, config)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_from_hub(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    token: str | bool | None = None,
+) -> nn.Module:
+    """Load a qdetr model from a Hugging Face Hub repository.
+
+    Files go through ``huggingface_hub.snapshot_download``: they are cached in the Hub cache
+    (``cache_dir`` or ``$HF_HUB_CACHE``), ``revision`` pins a branch, tag or commit, and with
+    ``HF_HUB_OFFLINE=1`` (or ``QDETR_OFFLINE=1``) only the cache is used.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from qdetr.zoo.cache import OfflineModeError, is_offline
+
+    offline = is_offline()  # read now: huggingface_hub reads HF_HUB_OFFLINE once, at import
+    try:
+        snapshot = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            allow_patterns=_HUB_FILES,
+            token=token,
+            local_files_only=offline,
+        )
+    except LocalEntryNotFoundError as err:
+        if not offline:
+            raise
+        raise OfflineModeError(
+            f"offline mode is on (HF_HUB_OFFLINE or QDETR_OFFLINE) and {repo_id!r}"
+            f"{'@' + revision if revision else ''} is not in the Hugging Face cache; unset the variable to "
+            f"download it"
+        ) from err
+    return load_pretrained_dir(snapshot, device=device)
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload qdetr model",
+    create_repo: bool = True,
+    **save_kwargs: Any,
+):
+    """Save ``model`` (packed) to a temporary directory and upload it to the Hub.
+
+    Args:
+        model: the model to upload.
+        repo_id: ``"user/name"``.
+        private: visibility when the repository is created.
+        token: Hub token (default: the logged-in one).
+        revision: branch to commit to.
+        commit_message: commit message.
+        create_repo: create the repository if missing.
+        **save_kwargs: forwarded to :func:`save_pretrained` (``metrics``, ``base_model``, ...).
+
+    Returns:
+        The ``huggingface_hub`` commit info.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    if create_repo:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="qdetr-push-") as tmp:
+        save_pretrained(model, tmp, repo_id=repo_id, **save_kwargs)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                 revision=revision, repo_type="model")

@@ -1,0 +1,107 @@
+"""``model.predict(images)``: images in, absolute xyxy detections out.
+
+Wraps the DETR preprocessing (:func:`qdetr.models.preprocess_images`: resize to
+800/1333, ImageNet normalisation, padding mask) and
+:func:`qdetr.models.post_process_object_detection` (softmax or sigmoid head, boxes scaled
+back to each image's original size).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["predict", "load_image", "attach_predict"]
+
+
+def load_image(image: Any) -> Any:
+    """Open a path as an RGB PIL image; other inputs are returned unchanged.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    return image
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: Any,
+    threshold: float = 0.5,
+    *,
+    batch_size: int = 1,
+    preprocessing=None,
+    top_k: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Detect objects in images.
+
+    Args:
+        model: a qdetr detector (``forward(pixel_values, pixel_mask)``).
+        images: one image or a sequence of images: ``PIL.Image``, file paths, ``(3, H, W)``
+            tensors (uint8, or float in [0, 1]) or ``(H, W, 3)`` uint8 arrays.
+        threshold: keep detections with a score above it.
+        batch_size: images per forward pass. 1 (default) makes each image's result
+            independent of the others (padding to a common size changes DETR outputs slightly).
+        preprocessing: a :class:`qdetr.models.PreprocessingConfig` (default 800/1333 resize).
+        top_k: sigmoid (SMCA) heads: (query, class) pairs considered before thresholding.
+
+    Returns:
+        One dict per image with ``scores`` (N,), ``labels`` (N,) int64 class ids (names in
+        ``model.id2label``) and ``boxes`` (N, 4) absolute xyxy pixels of the original image,
+        sorted by descending score, on CPU.
+
+    Raises:
+        ValueError: empty input or a non-positive ``batch_size``.
+    """
+    from qdetr.models import post_process_object_detection, preprocess_images
+
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+        images = [images]
+    images = list(images)
+    if not images:
+        raise ValueError("predict got no images; pass an image, a path or a list of them")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    reference = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    results: list[dict[str, torch.Tensor]] = []
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = [load_image(im) for im in images[start : start + batch_size]]
+            batch = preprocess_images(chunk, preprocessing)
+            outputs = model(batch["pixel_values"].to(reference.device, reference.dtype),
+                            batch["pixel_mask"].to(reference.device))
+            detections = post_process_object_detection(
+                outputs, threshold=threshold, target_sizes=batch["original_sizes"].to(reference.device), top_k=top_k
+            )
+            results.extend({k: v.detach().cpu() for k, v in det.items()} for det in detections)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _predict_method(self: nn.Module, images: Any, threshold: float = 0.5, **kwargs) -> list[dict[str, torch.Tensor]]:
+    """``predict(images, threshold=0.5, *, batch_size=1, preprocessing=None, top_k=None)``; see
+    :func:`qdetr.zoo.predict.predict`."""
+    return predict(self, images, threshold, **kwargs)
+
+
+def attach_predict(model: nn.Module) -> nn.Module:
+    """Give ``model`` a ``predict`` method (bound to this instance) and return it."""
+    model.predict = types.MethodType(_predict_method, model)
+    return model

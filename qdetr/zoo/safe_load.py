@@ -1,0 +1,70 @@
+"""Safe loading of pickled ``.pth`` checkpoints.
+
+Release checkpoints are pickles. Unpickling runs arbitrary code, so every file is read
+with ``torch.load(weights_only=True)``: only tensors, containers and primitive values are
+rebuilt. The one extra type that training checkpoints legitimately contain is the
+``argparse.Namespace`` of the training options (``ckpt["args"]``); it is allowed
+explicitly. A file that needs any other global is refused, naming that global.
+
+``weights_only=False`` is never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ALLOWED_CHECKPOINT_GLOBALS", "UnsafeCheckpointError", "load_checkpoint_file"]
+
+#: Globals that checkpoint files may reference besides tensors and builtin containers.
+ALLOWED_CHECKPOINT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs a global outside the allow-list; it was not loaded."""
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """Load a ``.pth`` checkpoint without executing code from it.
+
+    Args:
+        path: a file written by ``torch.save``.
+
+    Returns:
+        The stored object (for training checkpoints a dict such as
+        ``{"model", "optimizer", "lr_scheduler", "epoch", "args"}``), with every tensor on CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the file references a global that is not allowed (the
+            message names it); nothing from the file was executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(ALLOWED_CHECKPOINT_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        name = _refused_global(str(err))
+        what = f"the global {name!r}" if name else "an object that is not a tensor, container or argparse.Namespace"
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it needs {what}, which is outside the allow-list "
+            f"(tensors, builtin containers, argparse.Namespace). Loading it would run code from the file. "
+            f"If you trust its origin, re-save its state dict with plain tensors and load that file."
+        ) from err
+
+
+def _refused_global(message: str) -> str | None:
+    """Extract the refused global's dotted name from torch's weights-only error message."""
+    for pattern in (r"Unsupported global: GLOBAL ([\w.]+)", r"GLOBAL ([\w.]+)", r"global[^\w]+([\w.]+\.[\w]+)"):
+        match = re.search(pattern, message)
+        if match:
+            return match.group(1)
+    return None
