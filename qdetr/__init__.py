@@ -6,6 +6,17 @@ The top-level API, grouped by role:
 * distillation: :class:`DistillationLoss`;
 * models: :func:`create_model`, :func:`list_models`, :func:`post_process_object_detection`;
 * model zoo: :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`.
+
+Examples:
+    >>> import torch
+    >>> import qdetr
+    >>> _ = torch.manual_seed(0)
+    >>> model = qdetr.quantize_model(qdetr.create_model("detr_tiny"), bits=4)   # W4/A4/Attn8
+    >>> images = torch.randn(2, 3, 64, 64)                                      # (B, 3, H, W)
+    >>> model = qdetr.calibrate(model.eval(), [images])
+    >>> out = model(images)
+    >>> out["pred_logits"].shape, out["pred_boxes"].shape    # boxes: (B, Q, 4) normalised cxcywh
+    (torch.Size([2, 10, 6]), torch.Size([2, 10, 4]))
 """
 
 __version__ = "0.1.0"

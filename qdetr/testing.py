@@ -34,14 +34,31 @@ __all__ = [
 
 
 def tiny_detr(**overrides) -> nn.Module:
-    """``create_model("detr_tiny", **overrides)`` in eval mode."""
+    """``create_model("detr_tiny", **overrides)`` in eval mode.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.testing import example_inputs, tiny_detr
+        >>> model = tiny_detr(num_queries=4)
+        >>> with torch.no_grad():
+        ...     out = model(*example_inputs(2))
+        >>> model.training, out["pred_logits"].shape, out["pred_boxes"].shape
+        (False, torch.Size([2, 4, 6]), torch.Size([2, 4, 4]))
+    """
     from qdetr.models import create_model
 
     return create_model("detr_tiny", **overrides).eval()
 
 
 def tiny_smca(**overrides) -> nn.Module:
-    """``create_model("smca_detr_tiny", **overrides)`` in eval mode."""
+    """``create_model("smca_detr_tiny", **overrides)`` in eval mode.
+
+    Examples:
+        >>> from qdetr.testing import tiny_smca
+        >>> model = tiny_smca()
+        >>> model.training, model.classification, model.config.hidden_dim
+        (False, 'sigmoid', 32)
+    """
     from qdetr.models import create_model
 
     return create_model("smca_detr_tiny", **overrides).eval()
@@ -65,6 +82,14 @@ def example_inputs(
 
     Returns:
         ``(pixel_values (B, 3, H, W), pixel_mask (B, H, W) int64, 1 = real pixel)``.
+
+    Examples:
+        >>> from qdetr.testing import example_inputs
+        >>> pixel_values, pixel_mask = example_inputs(3)
+        >>> pixel_values.shape, pixel_mask.shape
+        (torch.Size([3, 3, 96, 128]), torch.Size([3, 96, 128]))
+        >>> pixel_mask.sum(dim=(1, 2)).tolist()  # 96*128, 80*100, 64*120 real pixels
+        [12288, 8000, 7680]
     """
     from qdetr.models.preprocessing import pad_and_mask
 
@@ -83,7 +108,25 @@ def example_targets(
     boxes_per_image: int | Sequence[int] = 3,
     seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
-    """Random targets: ``labels`` (T,) int64 in [0, num_classes) and ``boxes`` (T, 4) cxcywh."""
+    """Random targets: ``labels`` (T,) int64 in [0, num_classes) and ``boxes`` (T, 4) cxcywh.
+
+    Args:
+        batch_size: number of target dicts B (ignored when ``boxes_per_image`` is a sequence).
+        num_classes: labels are drawn from ``[0, num_classes)``.
+        boxes_per_image: T for every image, or one T per image.
+        seed: RNG seed.
+
+    Returns:
+        B dicts with ``labels`` (T_b,) int64 and ``boxes`` (T_b, 4) normalised cxcywh
+        (centres in [0.2, 0.8], sizes in [0.05, 0.35]).
+
+    Examples:
+        >>> from qdetr.testing import example_targets
+        >>> targets = example_targets(boxes_per_image=[2, 0])
+        >>> first, second = targets
+        >>> tuple(first["boxes"].shape), tuple(second["boxes"].shape), first["labels"].dtype
+        ((2, 4), (0, 4), torch.int64)
+    """
     gen = torch.Generator().manual_seed(seed)
     counts = [boxes_per_image] * batch_size if isinstance(boxes_per_image, int) else list(boxes_per_image)
     targets = []
@@ -160,6 +203,18 @@ def make_release_state_dict(
 
     Returns:
         ``{key: tensor}`` in manifest order, float32.
+
+    Examples:
+        >>> from qdetr.models import load_release_state_dict, model_config
+        >>> from qdetr.testing import make_release_state_dict
+        >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
+        >>> state["transformer.encoder.layers.0.self_attn.in_proj_weight"] is state[
+        ...     "transformer.encoder.layers.0.self_attn.in_proj.weight"]
+        True
+        >>> model, report = load_release_state_dict(state, bits=4)
+        >>> report.config.hidden_dim
+        32
+        >>> full_size = make_release_state_dict()  # doctest: +SKIP
     """
     if manifest is None and config is not None:
         entries = release_layout_entries(config)

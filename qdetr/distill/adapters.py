@@ -62,6 +62,10 @@ def feature_output_key(feature: str) -> str:
 
     Raises:
         ValueError: for an unknown feature kind.
+
+    Examples:
+        >>> feature_output_key("attn_values"), feature_output_key("proj_out")
+        ('co_attn_features', 'co_attn_proj_features')
     """
     if feature not in FEATURE_KEYS:
         raise ValueError(f"feature must be one of {sorted(FEATURE_KEYS)}, got {feature!r}")
@@ -99,6 +103,15 @@ def get_co_attn_features(outputs: Any, feature: str = "attn_values", *, role: st
     Raises:
         KeyError: if the key is missing (the message says which adapter produces it).
         ValueError: if the tensor is not 4-D.
+
+    Examples:
+        >>> outputs = {"co_attn_features": torch.randn(6, 2, 100, 256), "pred_boxes": torch.rand(2, 100, 4)}
+        >>> get_co_attn_features(outputs).shape          # (L_dec, B, Q, d)
+        torch.Size([6, 2, 100, 256])
+        >>> get_co_attn_features(outputs, "proj_out")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        KeyError: "student outputs have no 'co_attn_proj_features' ...
     """
     key = feature_output_key(feature)
     value = _lookup(outputs, key)
@@ -123,6 +136,10 @@ def get_pred_boxes(outputs: Any, *, role: str = "student") -> torch.Tensor:
     Raises:
         KeyError: if ``pred_boxes`` is missing.
         ValueError: if the tensor is not (B, Q, 4).
+
+    Examples:
+        >>> get_pred_boxes({"pred_boxes": torch.rand(2, 100, 4)}).shape    # (B, Q, 4) cxcywh
+        torch.Size([2, 100, 4])
     """
     value = _lookup(outputs, "pred_boxes")
     if value is None:
@@ -150,6 +167,11 @@ def find_decoder_cross_attention(model: nn.Module) -> list[tuple[str, nn.Module]
 
     Raises:
         ValueError: if no such module exists.
+
+    Examples:
+        >>> import qdetr
+        >>> [name for name, _ in find_decoder_cross_attention(qdetr.create_model("detr_tiny"))]
+        ['transformer.decoder.layers.0.multihead_attn', 'transformer.decoder.layers.1.multihead_attn']
     """
     found = []
     for name, module in model.named_modules():
@@ -194,7 +216,22 @@ class CoAttentionCapture:
         model: the detector (see :func:`find_decoder_cross_attention` for the names it needs).
         feature: ``"attn_values"`` (default) or ``"proj_out"``.
 
-    Example:
+    Shapes:
+        ``features``: (L_dec, B, Q, d), one entry per decoder layer.
+
+    Examples:
+        >>> import qdetr
+        >>> _ = torch.manual_seed(0)
+        >>> model = qdetr.create_model("detr_tiny").eval()     # 2 decoder layers, 10 queries, d = 32
+        >>> with CoAttentionCapture(model) as capture, torch.no_grad():
+        ...     out = model(torch.randn(2, 3, 64, 64))
+        >>> capture.features.shape, capture.active
+        (torch.Size([2, 2, 10, 32]), False)
+        >>> torch.allclose(capture.features, out["co_attn_features"])   # qdetr models also return them natively
+        True
+
+        With a Hugging Face ``DetrForObjectDetection`` (6 decoder layers, 100 queries, d = 256):
+
         >>> with CoAttentionCapture(hf_detr) as capture:              # doctest: +SKIP
         ...     out = hf_detr(pixel_values=x)
         >>> capture.features.shape                                     # doctest: +SKIP
@@ -297,5 +334,19 @@ class CoAttentionCapture:
 
 
 def capture_co_attention(model: nn.Module, feature: str = "attn_values") -> CoAttentionCapture:
-    """Build a :class:`CoAttentionCapture` for ``model`` (use it in a ``with`` statement)."""
+    """Build a :class:`CoAttentionCapture` for ``model`` (use it in a ``with`` statement).
+
+    Args:
+        model: the detector (see :func:`find_decoder_cross_attention`).
+        feature: ``"attn_values"`` (default) or ``"proj_out"``.
+
+    Examples:
+        >>> import qdetr
+        >>> model = qdetr.create_model("detr_tiny").eval()
+        >>> with capture_co_attention(model, feature="proj_out") as capture, torch.no_grad():
+        ...     out = model(torch.randn(1, 3, 64, 64))
+        >>> merged = capture.outputs(out)
+        >>> merged["co_attn_proj_features"].shape, merged["pred_boxes"].shape   # (L_dec, B, Q, d), (B, Q, 4)
+        (torch.Size([2, 1, 10, 32]), torch.Size([1, 10, 4]))
+    """
     return CoAttentionCapture(model, feature=feature)

@@ -42,11 +42,14 @@ class DistributionAlignment(nn.Module):
     Shapes:
         input and output: (B, h, L, d_h); statistics are taken over the last axis.
 
-    Example:
+    Examples:
         >>> da = DistributionAlignment(32)
         >>> q = torch.randn(2, 8, 300, 32)
         >>> da(q).shape
         torch.Size([2, 8, 300, 32])
+        >>> q_star = da(q)                                   # weight 1, bias 0: plain standardisation
+        >>> torch.allclose(q_star.mean(-1), torch.zeros(2, 8, 300), atol=1e-5)
+        True
     """
 
     def __init__(self, head_dim: int, eps: float = 1e-5, unbiased: bool = False) -> None:
@@ -62,6 +65,7 @@ class DistributionAlignment(nn.Module):
         return f"head_dim={self.head_dim}, eps={self.eps}, unbiased={self.unbiased}"
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, h, L, d_h) -> (B, h, L, d_h), standardised over the last axis, then ``* weight + bias``."""
         mean = q.mean(dim=-1, keepdim=True)
         var = q.var(dim=-1, keepdim=True, unbiased=self.unbiased)
         return (q - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
@@ -111,6 +115,17 @@ def insert_distribution_alignment(
     Raises:
         ValueError: for an unknown ``where``, when no matching attention has a ``q_align``
             slot, or when a slot already holds something other than ``nn.Identity``.
+
+    Examples:
+        >>> import qdetr
+        >>> model = qdetr.create_model("detr_tiny")
+        >>> insert_distribution_alignment(model, where="cross")
+        ['transformer.decoder.layers.0.multihead_attn', 'transformer.decoder.layers.1.multihead_attn']
+        >>> model.transformer.decoder.layers[0].multihead_attn.q_align
+        DistributionAlignment(head_dim=8, eps=1e-05, unbiased=False)
+        >>> out = model(torch.randn(1, 3, 64, 64))
+        >>> out["pred_boxes"].shape                          # (B, Q, 4) normalised cxcywh
+        torch.Size([1, 10, 4])
     """
     if where not in _ATTENTION_NAMES:
         raise ValueError(f"where must be 'cross' (paper) or 'self' (released checkpoints), got {where!r}")

@@ -50,6 +50,17 @@ class DistillationConfig:
 
     Raises:
         ValueError: for out-of-range values (the message says the valid range).
+
+    Examples:
+        >>> cfg = DistillationConfig(tau=0.5, layers=(-2, -1), feature="proj_out")
+        >>> DistillationConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        >>> DistillationConfig(layers=-1).layers                # a single int is accepted
+        (-1,)
+        >>> DistillationConfig(tau=2.0)
+        Traceback (most recent call last):
+            ...
+        ValueError: tau must be in [0, 1] (0.5 is the released value), got 2.0
     """
 
     tau: float = 0.5

@@ -91,6 +91,18 @@ def stack_target_boxes(
 
     Raises:
         ValueError: if a target has no ``"boxes"`` or its boxes are not (G_b, 4).
+
+    Examples:
+        >>> targets = [
+        ...     {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]])},
+        ...     {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+        ... ]
+        >>> gt_boxes_cxcywh, gt_valid = stack_target_boxes(targets)
+        >>> gt_boxes_cxcywh.shape                        # (B, G, 4), G = 2
+        torch.Size([2, 2, 4])
+        >>> gt_valid
+        tensor([[ True,  True],
+                [False, False]])
     """
     boxes = []
     for b, target in enumerate(targets):
@@ -136,6 +148,17 @@ def select_foreground_queries(
 
     Returns:
         (B, Q) bool mask of the student queries to distil.
+
+    Raises:
+        ValueError: for boxes that are not (B, ·, 4) or a ``gt_valid`` of the wrong shape.
+
+    Examples:
+        >>> student = torch.tensor([[[0.50, 0.5, 0.2, 0.2],      # on the object
+        ...                          [0.52, 0.5, 0.2, 0.2],      # close to it
+        ...                          [0.90, 0.9, 0.05, 0.05]]])  # elsewhere
+        >>> gt = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])           # (B, G, 4) = (1, 1, 4)
+        >>> select_foreground_queries(student, gt, torch.tensor([[True]]), tau=0.5)
+        tensor([[ True,  True, False]])
     """
     _check_boxes("student_boxes_cxcywh", student_boxes_cxcywh)
     _check_boxes("gt_boxes_cxcywh", gt_boxes_cxcywh)
@@ -166,6 +189,18 @@ def teacher_matching_score(
 
     Returns:
         (B, Q_s, Q_t) ``mu_giou * GIoU - mu_l1 * L1`` (higher is a better match).
+
+    Raises:
+        ValueError: for boxes that are not (B, ·, 4) or different batch sizes.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> student, teacher = torch.rand(2, 5, 4) * 0.5 + 0.25, torch.rand(2, 7, 4) * 0.5 + 0.25
+        >>> teacher_matching_score(student, teacher).shape    # (B, Q_s, Q_t)
+        torch.Size([2, 5, 7])
+        >>> box = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
+        >>> teacher_matching_score(box, box)                  # GIoU 1, L1 0: 2 * 1 - 5 * 0
+        tensor([[[2.]]])
     """
     _check_boxes("student_boxes_cxcywh", student_boxes_cxcywh)
     _check_boxes("teacher_boxes_cxcywh", teacher_boxes_cxcywh)
@@ -210,6 +245,17 @@ def match_teacher_queries(
         and the (B, Q_s) bool mask of matched pairs (= ``foreground`` unless ``one_to_one``
         leaves some unmatched) Ties (teacher queries with identical boxes) go to the
         lowest teacher index.
+
+    Raises:
+        ValueError: for boxes that are not (B, ·, 4) or a ``foreground`` of the wrong shape.
+
+    Examples:
+        >>> student = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]]])          # (1, 2, 4)
+        >>> teacher = torch.tensor([[[0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.3, 0.3], [0.2, 0.2, 0.1, 0.1]]])
+        >>> match_teacher_queries(student, teacher)
+        (tensor([[2, 0]]), tensor([[True, True]]))
+        >>> match_teacher_queries(student, teacher, torch.tensor([[True, False]]), one_to_one=True)
+        (tensor([[2, 0]]), tensor([[ True, False]]))
     """
     score = teacher_matching_score(student_boxes_cxcywh, teacher_boxes_cxcywh, mu_giou, mu_l1)  # (B, Q_s, Q_t)
     bsz, num_student, _ = score.shape

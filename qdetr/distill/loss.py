@@ -43,6 +43,13 @@ def fake_quantize_teacher_4bit(features: torch.Tensor) -> torch.Tensor:
 
     Returns:
         Tensor of the same shape with at most 16 distinct values.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> states = torch.randn(2, 10, 32)                 # (B, Q, d) teacher decoder states
+        >>> states_hat = fake_quantize_teacher_4bit(states)
+        >>> states_hat.shape, states_hat.unique().numel() <= 16
+        (torch.Size([2, 10, 32]), True)
     """
     x = features.detach()
     step = (2.0 * x.abs().mean() / 7.0**0.5).clamp(min=torch.finfo(x.dtype).tiny)
@@ -98,6 +105,25 @@ class DistillationLoss(nn.Module):
 
     Gradients flow to the student's features only: the teacher's outputs are detached and
     selection and matching use detached boxes.
+
+    Examples:
+        >>> import qdetr
+        >>> from qdetr.distill import FrozenTeacher
+        >>> _ = torch.manual_seed(0)
+        >>> student = qdetr.quantize_model(qdetr.create_model("detr_tiny"), bits=4).train()
+        >>> teacher = FrozenTeacher(qdetr.create_model("detr_tiny"))
+        >>> images = torch.randn(2, 3, 64, 64)                      # (B, 3, H, W)
+        >>> targets = [  # boxes: (G_b, 4) normalised cxcywh
+        ...     {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+        ...     {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+        ... ]
+        >>> distill = DistillationLoss(tau=0.5, weight=1.0)
+        >>> losses = distill(student(images), teacher(images), targets)
+        >>> sorted(losses)
+        ['frac_distilled', 'loss_drd', 'num_distilled']
+        >>> losses["loss_drd"].shape, losses["loss_drd"].requires_grad, losses["num_distilled"].dtype
+        (torch.Size([]), True, torch.int64)
+        >>> losses["loss_drd"].backward()                           # gradients reach the student only
     """
 
     def __init__(
@@ -186,6 +212,7 @@ class DistillationLoss(nn.Module):
         teacher_outputs: Any,
         targets: Sequence[Mapping[str, Any]],
     ) -> dict[str, torch.Tensor]:
+        """The DRD loss; see the class docstring (Call, Returns, Raises) for shapes and keys."""
         cfg = self.config
         student_features = get_co_attn_features(student_outputs, cfg.feature, role="student")  # (L_s, B, Q_s, d)
         teacher_features = get_co_attn_features(teacher_outputs, cfg.feature, role="teacher")  # (L_t, B, Q_t, d)

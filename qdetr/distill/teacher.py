@@ -63,6 +63,20 @@ class FrozenTeacher(nn.Module):
     Raises:
         ValueError: for an unknown ``capture`` or ``feature``, or a model whose
             cross-attention cannot be hooked when ``capture`` resolves to ``"hooks"``.
+
+    Examples:
+        >>> import qdetr
+        >>> teacher = FrozenTeacher(qdetr.create_model("detr_tiny"))   # in practice: a trained float model
+        >>> student = qdetr.quantize_model(qdetr.create_model("detr_tiny"), bits=4)
+        >>> student.teacher = teacher                                    # moves with student.to(...)
+        >>> len(list(teacher.parameters())), "teacher.class_embed.weight" in student.state_dict()
+        (0, False)
+        >>> _ = student.train()
+        >>> teacher.model.training
+        False
+        >>> out = teacher(torch.randn(2, 3, 64, 64))                     # no grad, eval mode
+        >>> out["co_attn_features"].shape, out["co_attn_features"].requires_grad   # (L_dec, B, Q, d)
+        (torch.Size([2, 2, 10, 32]), False)
     """
 
     def __init__(self, model: nn.Module, *, capture: str = "auto", feature: str = "attn_values") -> None:

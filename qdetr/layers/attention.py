@@ -63,12 +63,16 @@ class MultiheadAttention(nn.Module):
         bias: whether the projections have biases.
         batch_first: if True, inputs and outputs are (B, L, E), else (L, B, E).
 
-    Example:
+    Examples:
         >>> attn = MultiheadAttention(64, 8)
         >>> x = torch.randn(10, 2, 64)               # (L, B, E)
         >>> out, _ = attn(x, x, x, need_weights=False)
         >>> out.shape
         torch.Size([10, 2, 64])
+        >>> attn.q_quantizer                          # slots are identities until filled
+        Identity()
+        >>> sorted(attn.state_dict()) == sorted(nn.MultiheadAttention(64, 8).state_dict())
+        True
     """
 
     def __init__(
@@ -151,6 +155,14 @@ class MultiheadAttention(nn.Module):
         Returns:
             ``(output, weights)``: output (L, B, E) or (B, L, E); weights (B, L, S) when
             averaged, (B, h, L, S) otherwise, or None when ``need_weights`` is False.
+
+        Examples:
+            >>> attn = MultiheadAttention(32, 4, batch_first=True)
+            >>> query, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)   # (B, L, E), (B, S, E)
+            >>> padding = torch.zeros(2, 7, dtype=torch.bool)
+            >>> out, weights = attn(query, memory, memory, key_padding_mask=padding)
+            >>> out.shape, weights.shape
+            (torch.Size([2, 5, 32]), torch.Size([2, 5, 7]))
         """
         out, weights, _ = self.forward_with_values(
             query,
@@ -189,6 +201,19 @@ class MultiheadAttention(nn.Module):
             ``(output, weights, values)`` where ``values`` is the concatenation of the
             per-head co-attended features ``Â·V̂`` (the Q-DETR distillation feature),
             shaped like ``output``: (L, B, E), or (B, L, E) with ``batch_first``.
+
+        Raises:
+            ValueError: for unbatched inputs or masks of the wrong shape.
+
+        Examples:
+            >>> attn = MultiheadAttention(32, 4)
+            >>> query, memory = torch.randn(5, 2, 32), torch.randn(7, 2, 32)   # (L, B, E), (S, B, E)
+            >>> bias = torch.zeros(2, 4, 5, 7)                                 # (B, h, L, S)
+            >>> out, weights, values = attn.forward_with_values(query, memory, memory, attn_bias=bias)
+            >>> out.shape, values.shape, weights is None
+            (torch.Size([5, 2, 32]), torch.Size([5, 2, 32]), True)
+            >>> torch.allclose(attn.out_proj(values), out)
+            True
         """
         if query.dim() != 3:
             raise ValueError(
@@ -295,6 +320,15 @@ class MultiheadAttention(nn.Module):
         Raises:
             ValueError: for configurations the explicit data path does not support
                 (different key/value widths, ``add_bias_kv``, ``add_zero_attn``).
+
+        Examples:
+            >>> torch_attn = nn.MultiheadAttention(32, 4).eval()
+            >>> attn = MultiheadAttention.from_torch(torch_attn)
+            >>> attn.in_proj_weight is torch_attn.in_proj_weight
+            True
+            >>> x = torch.randn(5, 2, 32)                                       # (L, B, E)
+            >>> torch.allclose(attn(x, x, x)[0], torch_attn(x, x, x)[0], atol=1e-5)
+            True
         """
         if not module._qkv_same_embed_dim:
             raise ValueError(

@@ -39,6 +39,16 @@ def recompute_saved(recipes: dict[torch.Tensor, Callable[[], torch.Tensor]]) -> 
 
     Does nothing when autograd is off or under ``torch.compile`` tracing (the compiler
     makes its own recomputation decisions).
+
+    Examples:
+        >>> x = torch.randn(4, 8, requires_grad=True)                  # (N, in_features)
+        >>> weight = torch.randn(3, 8, requires_grad=True)
+        >>> x_hat = torch.round(x * 4) / 4                             # stands in for Q(x)
+        >>> with recompute_saved({x_hat: lambda: torch.round(x.detach() * 4) / 4}):
+        ...     y = torch.nn.functional.linear(x_hat, weight)          # x_hat is not stored
+        >>> y.sum().backward()
+        >>> torch.allclose(weight.grad, torch.ones(4, 3).T @ x_hat.detach())
+        True
     """
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or not recipes:
         yield
@@ -61,5 +71,21 @@ def recompute_saved(recipes: dict[torch.Tensor, Callable[[], torch.Tensor]]) -> 
 
 def slot_recipes(*triples: tuple[torch.Tensor, object, torch.Tensor]) -> dict:
     """Recipes for slot outputs: ``(output, slot, input)`` triples whose slot has a
-    ``recompute(input)`` method (qdetr quantizers do; ``nn.Identity`` slots are skipped)."""
+    ``recompute(input)`` method (qdetr quantizers do; ``nn.Identity`` slots are skipped).
+
+    Args:
+        *triples: ``(output, slot, input)`` with ``output = slot(input)``.
+
+    Returns:
+        ``{output: fn}`` for :func:`recompute_saved`.
+
+    Examples:
+        >>> from qdetr.quant import LSQActQuantizer
+        >>> q = LSQActQuantizer(8, 4, axis=1, signed=True).train()
+        >>> k = torch.randn(2, 4, 5, 8)                                # (B, h, S, d_h)
+        >>> k_hat = q(k)
+        >>> identity = torch.nn.Identity()
+        >>> len(slot_recipes((k_hat, q, k), (k, identity, k)))         # the identity slot is skipped
+        1
+    """
     return {out: (lambda s=slot, i=inp: s.recompute(i)) for out, slot, inp in triples if hasattr(slot, "recompute") and out is not inp}

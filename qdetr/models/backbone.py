@@ -154,6 +154,17 @@ class ResNetBody(nn.Module):
     Shapes:
         input: (B, 3, H, W); output: (B, layout.num_channels, ceil(H/32), ceil(W/32))
         (stride 16 with ``dilation``).
+
+    Raises:
+        ValueError: for an unknown ``unit``.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import ResNetBody
+        >>> from qdetr.models.backbone import RESNET_LAYOUTS
+        >>> body = ResNetBody(RESNET_LAYOUTS["resnet_tiny"], unit="bireal")
+        >>> body(torch.randn(1, 3, 64, 96)).shape
+        torch.Size([1, 256, 2, 3])
     """
 
     def __init__(self, layout: ResNetLayout, unit: BackboneUnit = "torchvision", dilation: bool = False) -> None:
@@ -233,6 +244,18 @@ class Backbone(nn.Module):
     Shapes:
         pixel_values: (B, 3, H, W); padding_mask: (B, H, W) bool, True on padding.
         returns ``(features, feature_padding_mask)``: (B, C, h, w) and (B, h, w) bool.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import Backbone
+        >>> backbone = Backbone("resnet_tiny")
+        >>> padding_mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+        >>> features, mask = backbone(torch.randn(2, 3, 64, 96), padding_mask)
+        >>> features.shape, mask.shape, backbone.num_channels
+        (torch.Size([2, 256, 2, 3]), torch.Size([2, 2, 3]), 256)
     """
 
     def __init__(
@@ -288,11 +311,32 @@ def load_backbone_weights(body: ResNetBody, weights: str | os.PathLike | Mapping
     the prefix ``backbone.0.body.`` or ``body.``, or a path to such a file (read with
     ``weights_only=True``). ``fc.*`` and ``num_batches_tracked`` entries are dropped.
 
+    Args:
+        body: the trunk to fill (e.g. ``model.backbone[0].body``).
+        weights: a state dict or a path to a file holding one (or ``{"model": state_dict}``).
+
     Returns:
         The names of the dropped entries.
 
     Raises:
         RuntimeError: on missing or unexpected keys (after the drops above).
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import ResNetBody, load_backbone_weights
+        >>> from qdetr.models.backbone import RESNET_LAYOUTS
+        >>> body = ResNetBody(RESNET_LAYOUTS["resnet_tiny"])
+        >>> source = ResNetBody(RESNET_LAYOUTS["resnet_tiny"]).state_dict()
+        >>> state = {"backbone.0.body." + k: v for k, v in source.items()}
+        >>> state["fc.weight"] = torch.zeros(10, 256)
+        >>> load_backbone_weights(body, state)
+        ['fc.weight']
+        >>> torch.equal(body.conv1.weight, source["conv1.weight"])
+        True
+        >>> import torchvision  # doctest: +SKIP
+        >>> full = ResNetBody(RESNET_LAYOUTS["resnet50"])  # doctest: +SKIP
+        >>> load_backbone_weights(full, torchvision.models.resnet50(weights="IMAGENET1K_V1").state_dict())  # doctest: +SKIP
+        ['fc.weight', 'fc.bias']
     """
     if isinstance(weights, (str, os.PathLike)):
         state = torch.load(weights, map_location="cpu", weights_only=True)

@@ -27,12 +27,39 @@ __all__ = [
 
 
 def box_cxcywh_to_xyxy(boxes_cxcywh: torch.Tensor) -> torch.Tensor:
-    """Convert (..., 4) cxcywh boxes to (..., 4) xyxy boxes."""
+    """Convert (..., 4) cxcywh boxes to (..., 4) xyxy boxes.
+
+    Args:
+        boxes_cxcywh: (..., 4) boxes as (centre x, centre y, width, height), normalised
+            cxcywh or in pixels.
+
+    Returns:
+        (..., 4) xyxy boxes in the same units (normalised xyxy, or absolute xyxy).
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import box_cxcywh_to_xyxy
+        >>> box_cxcywh_to_xyxy(torch.tensor([[0.5, 0.5, 0.25, 0.5]])).tolist()
+        [[0.375, 0.25, 0.625, 0.75]]
+    """
     return box_convert(boxes_cxcywh, in_fmt="cxcywh", out_fmt="xyxy")
 
 
 def box_xyxy_to_cxcywh(boxes_xyxy: torch.Tensor) -> torch.Tensor:
-    """Convert (..., 4) xyxy boxes to (..., 4) cxcywh boxes."""
+    """Convert (..., 4) xyxy boxes to (..., 4) cxcywh boxes.
+
+    Args:
+        boxes_xyxy: (..., 4) boxes as (x0, y0, x1, y1), normalised or absolute xyxy.
+
+    Returns:
+        (..., 4) cxcywh boxes in the same units.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import box_xyxy_to_cxcywh
+        >>> box_xyxy_to_cxcywh(torch.tensor([[0.375, 0.25, 0.625, 0.75]])).tolist()
+        [[0.5, 0.5, 0.25, 0.5]]
+    """
     return box_convert(boxes_xyxy, in_fmt="xyxy", out_fmt="cxcywh")
 
 
@@ -45,6 +72,14 @@ def box_iou_xyxy(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.
 
     Returns:
         (N, M) IoU matrix.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import box_iou_xyxy
+        >>> boxes1_xyxy = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+        >>> boxes2_xyxy = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 2.0], [3.0, 3.0, 4.0, 4.0]])
+        >>> box_iou_xyxy(boxes1_xyxy, boxes2_xyxy).tolist()
+        [[1.0, 0.5, 0.0]]
     """
     return box_iou(boxes1_xyxy, boxes2_xyxy)
 
@@ -58,6 +93,14 @@ def generalized_box_iou_xyxy(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tenso
 
     Returns:
         (N, M) GIoU matrix. Computed in the inputs' dtype; differentiable.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import generalized_box_iou_xyxy
+        >>> boxes1_xyxy = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+        >>> boxes2_xyxy = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 2.0], [3.0, 3.0, 4.0, 4.0]])
+        >>> generalized_box_iou_xyxy(boxes1_xyxy, boxes2_xyxy).tolist()  # disjoint boxes go below 0
+        [[1.0, 0.5, -0.6875]]
     """
     area1 = (boxes1_xyxy[:, 2] - boxes1_xyxy[:, 0]) * (boxes1_xyxy[:, 3] - boxes1_xyxy[:, 1])  # (N,)
     area2 = (boxes2_xyxy[:, 2] - boxes2_xyxy[:, 0]) * (boxes2_xyxy[:, 3] - boxes2_xyxy[:, 1])  # (M,)

@@ -46,6 +46,21 @@ class DetrConfig:
         cost_class, cost_bbox, cost_giou: Hungarian matching weights.
         cls_loss_coef, bbox_loss_coef, giou_loss_coef: loss weights.
         eos_coef: weight of the no-object class in the softmax cross-entropy.
+
+    Raises:
+        ValueError: on an invalid field (the message says which values are allowed).
+
+    Examples:
+        >>> from qdetr.models import DetrConfig
+        >>> config = DetrConfig(num_classes=20)
+        >>> config.num_logits, config.classification
+        (21, 'softmax')
+        >>> DetrConfig.from_dict(config.to_dict()) == config
+        True
+        >>> DetrConfig(hidden_dim=100, nheads=8)
+        Traceback (most recent call last):
+        ...
+        ValueError: hidden_dim (100) must be divisible by nheads (8); e.g. hidden_dim=256, nheads=8
     """
 
     arch: ClassVar[str] = "detr"
@@ -146,6 +161,17 @@ class SmcaConfig(DetrConfig):
             0) or ``2 * hidden_dim`` (Q-DETR release: positional half, then content half).
         focal_alpha, focal_gamma: sigmoid focal loss parameters.
         prior_prob: classifier bias init ``-log((1 - p) / p)``.
+
+    Raises:
+        ValueError: on an invalid field (the message says which values are allowed).
+
+    Examples:
+        >>> from qdetr.models import SmcaConfig
+        >>> config = SmcaConfig(query_width=512)  # the Q-DETR release layout
+        >>> config.classification, config.resolved_query_width, config.resolved_feature_stride
+        ('sigmoid', 512, 32)
+        >>> config.to_dict()["arch"]
+        'smca'
     """
 
     arch: ClassVar[str] = "smca"
@@ -198,7 +224,24 @@ class SmcaConfig(DetrConfig):
 
 
 def config_from_dict(data: dict[str, Any]) -> DetrConfig:
-    """Build a :class:`DetrConfig` or :class:`SmcaConfig` from ``to_dict()`` output by ``arch``."""
+    """Build a :class:`DetrConfig` or :class:`SmcaConfig` from ``to_dict()`` output by ``arch``.
+
+    Args:
+        data: a dict from ``to_dict()`` (``arch`` ``"detr"`` or ``"smca"``; missing means
+            ``"detr"``).
+
+    Returns:
+        The config of the class named by ``arch``.
+
+    Raises:
+        ValueError: for an unknown ``arch``, a newer ``version`` or unknown fields.
+
+    Examples:
+        >>> from qdetr.models import SmcaConfig, config_from_dict
+        >>> config = config_from_dict(SmcaConfig(num_queries=100).to_dict())
+        >>> type(config).__name__, config.num_queries
+        ('SmcaConfig', 100)
+    """
     arch = data.get("arch", "detr")
     classes = {"detr": DetrConfig, "smca": SmcaConfig}
     if arch not in classes:

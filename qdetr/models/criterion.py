@@ -61,6 +61,23 @@ class SetCriterion(nn.Module):
 
     Returns:
         dict of unweighted scalar losses (see the module docstring).
+
+    Raises:
+        ValueError: for an unknown ``classification``; in ``forward``, for a target count
+            that differs from the batch size or logits with the wrong number of columns.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import HungarianMatcher, SetCriterion
+        >>> from qdetr.testing import example_targets
+        >>> criterion = SetCriterion(5, HungarianMatcher(), {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2})
+        >>> _ = torch.manual_seed(0)
+        >>> outputs = {"pred_logits": torch.randn(2, 10, 6), "pred_boxes": torch.rand(2, 10, 4)}
+        >>> losses = criterion(outputs, example_targets(2, num_classes=5))
+        >>> sorted(losses)
+        ['cardinality_error', 'class_error', 'loss_bbox', 'loss_ce', 'loss_giou']
+        >>> criterion.total_loss(losses).shape
+        torch.Size([])
     """
 
     def __init__(
@@ -178,7 +195,19 @@ class SetCriterion(nn.Module):
 
 
 def build_matcher(config: DetrConfig) -> HungarianMatcher:
-    """The matcher of ``config`` (softmax cost for DETR, focal cost for SMCA)."""
+    """The matcher of ``config`` (softmax cost for DETR, focal cost for SMCA).
+
+    Args:
+        config: a ``DetrConfig`` or ``SmcaConfig`` (its ``cost_*`` and focal fields).
+
+    Returns:
+        A :class:`~qdetr.models.matcher.HungarianMatcher`.
+
+    Examples:
+        >>> from qdetr.models import build_matcher, model_config
+        >>> build_matcher(model_config("detr_tiny"))
+        HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, classification='softmax')
+    """
     kwargs = {}
     if isinstance(config, SmcaConfig):
         kwargs = {"focal_alpha": config.focal_alpha, "focal_gamma": config.focal_gamma}
@@ -188,7 +217,21 @@ def build_matcher(config: DetrConfig) -> HungarianMatcher:
 
 
 def build_criterion(config: DetrConfig) -> SetCriterion:
-    """The criterion (with matcher and weights, aux layers included) of ``config``."""
+    """The criterion (with matcher and weights, aux layers included) of ``config``.
+
+    Args:
+        config: a ``DetrConfig`` or ``SmcaConfig`` (loss weights, ``aux_loss``, ``dec_layers``).
+
+    Returns:
+        A :class:`SetCriterion` whose ``weight_dict`` has ``loss_ce``, ``loss_bbox``,
+        ``loss_giou`` and, with ``aux_loss``, their ``_{i}`` copies for layers 0..L-2.
+
+    Examples:
+        >>> from qdetr.models import build_criterion, model_config
+        >>> criterion = build_criterion(model_config("smca_detr_tiny"))
+        >>> criterion.classification, sorted(criterion.weight_dict)
+        ('sigmoid', ['loss_bbox', 'loss_bbox_0', 'loss_ce', 'loss_ce_0', 'loss_giou', 'loss_giou_0'])
+    """
     base = {"loss_ce": config.cls_loss_coef, "loss_bbox": config.bbox_loss_coef, "loss_giou": config.giou_loss_coef}
     weight_dict = dict(base)
     if config.aux_loss:

@@ -82,7 +82,7 @@ class Detr(PretrainedMethodsMixin, nn.Module):
     Args:
         config: architecture settings (:class:`~qdetr.models.config.DetrConfig`).
 
-    Example:
+    Examples:
         >>> model = Detr(DetrConfig(backbone="resnet_tiny", hidden_dim=32, nheads=4,
         ...                         enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=5))
         >>> out = model(torch.randn(2, 3, 64, 64))

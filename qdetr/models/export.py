@@ -22,6 +22,17 @@ class DetectorForExport(nn.Module):
     Shapes:
         pixel_values: (B, 3, H, W); pixel_mask: (B, H, W), 1 = real pixel.
         returns ``(pred_logits (B, Q, C+1), pred_boxes (B, Q, 4) normalised cxcywh)``.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import DetectorForExport, create_model
+        >>> wrapper = DetectorForExport(create_model("detr_tiny").eval())
+        >>> pixel_values = torch.randn(1, 3, 64, 64)
+        >>> pixel_mask = torch.ones(1, 64, 64, dtype=torch.int64)
+        >>> with torch.no_grad():
+        ...     pred_logits, pred_boxes = wrapper(pixel_values, pixel_mask)
+        >>> pred_logits.shape, pred_boxes.shape
+        (torch.Size([1, 10, 6]), torch.Size([1, 10, 4]))
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -56,6 +56,23 @@ class HungarianMatcher(nn.Module):
         list of B ``(query_idx, target_idx)`` int64 tensor pairs of length
         ``min(Q, T_b)``, sorted by query index. Images without targets give empty tensors;
         with more targets than queries only Q targets are matched.
+
+    Raises:
+        ValueError: for an unknown ``classification`` or all-zero costs; in ``forward``, for
+            a target count that differs from the batch size or a non-finite cost.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import HungarianMatcher
+        >>> matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
+        >>> outputs = {
+        ...     "pred_logits": torch.zeros(1, 3, 6),
+        ...     "pred_boxes": torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]]]),
+        ... }
+        >>> targets = [{"labels": torch.tensor([2, 4]), "boxes": torch.tensor([[0.8, 0.8, 0.1, 0.1], [0.2, 0.2, 0.1, 0.1]])}]
+        >>> query_idx, target_idx = matcher(outputs, targets)[0]  # one pair per image
+        >>> query_idx.tolist(), target_idx.tolist()
+        ([0, 2], [1, 0])
     """
 
     def __init__(

@@ -32,6 +32,9 @@ __all__ = ["DetectionOutput", "OUTPUT_KEYS"]
 
 #: Keys every detector output holds.
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "aux_outputs", "decoder_hidden_states", "co_attn_features")
+"""Keys of every :class:`DetectionOutput`: ``pred_logits`` (B, Q, C+1), ``pred_boxes`` (B, Q, 4)
+normalised cxcywh, ``aux_outputs``, ``decoder_hidden_states`` (L, B, Q, d), ``co_attn_features``
+(L, B, Q, d)."""
 
 _ALIASES = {"logits": "pred_logits", "auxiliary_outputs": "aux_outputs"}
 
@@ -42,6 +45,25 @@ class DetectionOutput(dict):
     Args:
         classification: ``"softmax"`` (DETR) or ``"sigmoid"`` (focal heads such as SMCA).
         **outputs: the tensors listed in the module docstring.
+
+    Raises:
+        AttributeError: for an attribute that is neither a key nor an alias.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import OUTPUT_KEYS, DetectionOutput
+        >>> out = DetectionOutput(
+        ...     classification="softmax",
+        ...     pred_logits=torch.zeros(1, 3, 6),
+        ...     pred_boxes=torch.full((1, 3, 4), 0.5),
+        ...     aux_outputs=[],
+        ...     decoder_hidden_states=torch.zeros(2, 1, 3, 8),
+        ...     co_attn_features=torch.zeros(2, 1, 3, 8),
+        ... )
+        >>> out.logits.shape, out.last_hidden_state.shape
+        (torch.Size([1, 3, 6]), torch.Size([1, 3, 8]))
+        >>> set(out) == set(OUTPUT_KEYS)
+        True
     """
 
     def __init__(self, *, classification: str, **outputs: Any) -> None:

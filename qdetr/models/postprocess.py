@@ -60,6 +60,19 @@ def post_process_object_detection(
 
     Raises:
         ValueError: when the head type is unknown or ``target_sizes`` has the wrong shape.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import post_process_object_detection
+        >>> outputs = {  # 1 image, 2 queries, 2 classes + no-object
+        ...     "pred_logits": torch.tensor([[[4.0, 0.0, 0.0], [0.0, 0.0, 4.0]]]),
+        ...     "pred_boxes": torch.tensor([[[0.5, 0.5, 0.25, 0.5], [0.1, 0.1, 0.1, 0.1]]]),
+        ... }
+        >>> [result] = post_process_object_detection(
+        ...     outputs, threshold=0.5, target_sizes=[(100, 200)], classification="softmax"
+        ... )
+        >>> result["labels"].tolist(), result["boxes"].tolist()  # absolute xyxy pixels
+        ([0], [[75.0, 25.0, 125.0, 75.0]])
     """
     head = classification if classification is not None else getattr(outputs, "classification", None)
     if head not in ("softmax", "sigmoid"):

@@ -43,6 +43,20 @@ class PreprocessingConfig:
         longest_edge: upper bound on the longer side; None = unbounded.
         do_resize: resize at all.
         image_mean, image_std: per-channel normalisation (RGB, on [0, 1] values).
+
+    Raises:
+        ValueError: on an invalid edge length or normalisation.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import PreprocessingConfig, preprocess_images
+        >>> config = PreprocessingConfig(shortest_edge=64, longest_edge=128)
+        >>> preprocess_images([torch.rand(3, 120, 200)], config)["pixel_values"].shape
+        torch.Size([1, 3, 64, 106])
+        >>> PreprocessingConfig(shortest_edge=800, longest_edge=600)
+        Traceback (most recent call last):
+        ...
+        ValueError: longest_edge (600) must be >= shortest_edge (800) or None
     """
 
     shortest_edge: int = 800
@@ -114,8 +128,24 @@ def image_to_tensor(image) -> torch.Tensor:
 def pad_and_mask(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad (3, h_i, w_i) images bottom/right to a batch.
 
+    Args:
+        images: B tensors of shape (3, h_i, w_i), same dtype and device.
+
     Returns:
-        ``(pixel_values (B, 3, H, W), pixel_mask (B, H, W) int64)`` with 1 on real pixels.
+        ``(pixel_values (B, 3, H, W), pixel_mask (B, H, W) int64)`` with 1 on real pixels,
+        where H and W are the largest h_i and w_i.
+
+    Raises:
+        ValueError: for an empty sequence.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import pad_and_mask
+        >>> pixel_values, pixel_mask = pad_and_mask([torch.ones(3, 4, 6), torch.ones(3, 5, 3)])
+        >>> pixel_values.shape, pixel_mask.shape
+        (torch.Size([2, 3, 5, 6]), torch.Size([2, 5, 6]))
+        >>> pixel_mask.sum(dim=(1, 2)).tolist()
+        [24, 15]
     """
     if len(images) == 0:
         raise ValueError("no images to pad; pass at least one image")
@@ -142,6 +172,20 @@ def preprocess_images(images, config: PreprocessingConfig | None = None) -> dict
         dict with ``pixel_values`` (B, 3, H, W) float32, ``pixel_mask`` (B, H, W) int64 (1 =
         real pixel), ``original_sizes`` (B, 2) and ``sizes`` (B, 2) as (height, width) before
         and after the resize (pass ``original_sizes`` to ``post_process_object_detection``).
+
+    Raises:
+        ValueError: for an empty list or an image with the wrong number of channels.
+        TypeError: for an unsupported image type.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import PreprocessingConfig, preprocess_images
+        >>> images = [torch.randint(0, 256, (3, 120, 200), dtype=torch.uint8), torch.rand(3, 90, 90)]
+        >>> batch = preprocess_images(images, PreprocessingConfig(shortest_edge=64, longest_edge=128))
+        >>> batch["pixel_values"].shape, batch["pixel_mask"].shape
+        (torch.Size([2, 3, 64, 106]), torch.Size([2, 64, 106]))
+        >>> batch["original_sizes"].tolist(), batch["sizes"].tolist()
+        ([[120, 200], [90, 90]], [[64, 106], [64, 64]])
     """
     config = config or PreprocessingConfig()
     if not isinstance(images, (list, tuple)):

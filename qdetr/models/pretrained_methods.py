@@ -20,7 +20,7 @@ class PretrainedMethodsMixin:
 
         See :func:`qdetr.zoo.save_pretrained` for the keyword arguments.
 
-        Example:
+        Examples:
             >>> model.save_pretrained("my-4bit-detr")   # doctest: +SKIP
         """
         from qdetr.zoo.hub import save_pretrained
@@ -39,9 +39,9 @@ class PretrainedMethodsMixin:
         Returns:
             One ``{"scores": (N,), "labels": (N,), "boxes": (N, 4) absolute xyxy}`` dict per image.
 
-        Example:
+        Examples:
             >>> model.predict(["street.jpg"], threshold=0.7)   # doctest: +SKIP
         """
-        from qdetr.zoo.predict import predict
+        from qdetr.zoo.prediction import predict
 
         return predict(self, images, threshold, **kwargs)

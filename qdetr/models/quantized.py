@@ -62,6 +62,27 @@ def build_qdetr_smca(
 
     Returns:
         The quantized model (quantizer steps of activations still to be calibrated or loaded).
+        Inputs and outputs are those of :class:`~qdetr.models.smca.SmcaDetr`:
+        ``pixel_values`` (B, 3, H, W) -> ``pred_logits`` (B, Q, C+1), ``pred_boxes``
+        (B, Q, 4) normalised cxcywh.
+
+    Raises:
+        TypeError: if ``config`` is not an ``SmcaConfig``.
+        ValueError: for an unknown ``profile``.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import build_qdetr_smca, model_config
+        >>> from qdetr.quant import calibrate
+        >>> model = build_qdetr_smca(model_config("qdetr_smca_tiny"), bits=4, profile="seed")
+        >>> type(model.transformer.decoder.layers[0].self_attn.q_align).__name__
+        'DistributionAlignment'
+        >>> pixel_values = torch.randn(1, 3, 64, 64)
+        >>> _ = calibrate(model, [pixel_values])
+        >>> with torch.no_grad():
+        ...     out = model.eval()(pixel_values)
+        >>> out["pred_boxes"].shape
+        torch.Size([1, 10, 4])
     """
     from qdetr.quant import quantize_model
 

@@ -55,8 +55,25 @@ def register_model(name: str, config: DetrConfig | None = None) -> Callable:
         name: registry key.
         config: the entry's base config (reported by :func:`model_config`).
 
+    Returns:
+        The decorator; it returns the builder unchanged.
+
     Raises:
         ValueError: if ``name`` is already registered.
+
+    Examples:
+        >>> from qdetr.models import create_model, list_models, register_model
+        >>> @register_model("detr_tiny_3q")
+        ... def detr_tiny_3q(**overrides):
+        ...     return create_model("detr_tiny", num_queries=3, **overrides)
+        >>> "detr_tiny_3q" in list_models()
+        True
+        >>> create_model("detr_tiny_3q").query_embed.weight.shape
+        torch.Size([3, 32])
+        >>> register_model("detr_tiny")(detr_tiny_3q)
+        Traceback (most recent call last):
+        ...
+        ValueError: model 'detr_tiny' is already registered; pick another name
     """
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -71,13 +88,44 @@ def register_model(name: str, config: DetrConfig | None = None) -> Callable:
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted registered names, optionally filtered by a glob ``pattern`` (e.g. ``"*tiny"``)."""
+    """Sorted registered names, optionally filtered by a glob ``pattern`` (e.g. ``"*tiny"``).
+
+    Args:
+        pattern: ``fnmatch`` glob on the name; None lists every entry.
+
+    Returns:
+        The matching names, sorted.
+
+    Examples:
+        >>> from qdetr.models import list_models
+        >>> list_models("*_tiny")
+        ['detr_tiny', 'qdetr_smca_tiny', 'smca_detr_tiny']
+        >>> "detr_r50" in list_models()
+        True
+    """
     names = sorted(_REGISTRY)
     return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
 def model_config(name: str) -> DetrConfig:
-    """Base config of a registered float or quantized entry."""
+    """Base config of a registered float or quantized entry.
+
+    Args:
+        name: a name from :func:`list_models`.
+
+    Returns:
+        The entry's :class:`~qdetr.models.config.DetrConfig` or
+        :class:`~qdetr.models.config.SmcaConfig` (before any ``create_model`` overrides).
+
+    Raises:
+        ValueError: for an unknown name (the message lists close matches).
+
+    Examples:
+        >>> from qdetr.models import model_config
+        >>> config = model_config("qdetr_smca_tiny")
+        >>> type(config).__name__, config.hidden_dim, config.backbone_unit
+        ('SmcaConfig', 32, 'bireal')
+    """
     _check_name(name)
     return _CONFIGS[name]
 
@@ -97,15 +145,51 @@ def create_model(name: str, **overrides) -> nn.Module:
         **overrides: config fields to change (e.g. ``num_classes=20``), and for quantized
             entries ``bits`` / ``profile``.
 
+    Returns:
+        The untrained model, in train mode (no weights are downloaded). Its
+        ``forward(pixel_values (B, 3, H, W), pixel_mask (B, H, W) = None)`` returns a
+        :class:`~qdetr.models.outputs.DetectionOutput` with ``pred_logits`` (B, Q, C+1) and
+        ``pred_boxes`` (B, Q, 4) normalised cxcywh.
+
     Raises:
         ValueError: for an unknown name or an unknown/invalid override.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import create_model
+        >>> model = create_model("detr_tiny", num_classes=20).eval()
+        >>> with torch.no_grad():
+        ...     out = model(torch.randn(2, 3, 64, 64))
+        >>> out["pred_logits"].shape, out["pred_boxes"].shape
+        (torch.Size([2, 10, 21]), torch.Size([2, 10, 4]))
+        >>> create_model("qdetr_smca_tiny", bits=4).config.backbone_unit
+        'bireal'
+        >>> model = create_model("detr_r50")  # doctest: +SKIP
     """
     _check_name(name)
     return _REGISTRY[name](**overrides)
 
 
 def build_model(config: DetrConfig) -> nn.Module:
-    """``Detr`` or ``SmcaDetr`` for ``config``."""
+    """``Detr`` or ``SmcaDetr`` for ``config``.
+
+    Args:
+        config: a :class:`~qdetr.models.config.DetrConfig` (gives ``Detr``) or
+            :class:`~qdetr.models.config.SmcaConfig` (gives ``SmcaDetr``).
+
+    Returns:
+        The untrained float model.
+
+    Raises:
+        TypeError: if ``config`` is neither.
+
+    Examples:
+        >>> from qdetr.models import SmcaConfig, build_model
+        >>> config = SmcaConfig(backbone="resnet_tiny", hidden_dim=32, nheads=4, enc_layers=1,
+        ...                     dec_layers=1, dim_feedforward=64, num_queries=5)
+        >>> type(build_model(config)).__name__
+        'SmcaDetr'
+    """
     if isinstance(config, SmcaConfig):
         return SmcaDetr(config)
     if isinstance(config, DetrConfig):

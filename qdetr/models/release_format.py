@@ -90,7 +90,19 @@ _DEAD_COMPILED = tuple((re.compile(rf"^{p}$"), why) for p, why in DEAD_QUANTIZER
 
 
 class ReleaseFormatError(ValueError):
-    """The state dict is not a loadable Q-DETR release file (the message says why and what to do)."""
+    """The state dict is not a loadable Q-DETR release file (the message says why and what to do).
+
+    A subclass of ``ValueError``.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import ReleaseFormatError, convert_release_state_dict
+        >>> try:
+        ...     convert_release_state_dict({"weight": torch.zeros(1)}, bits=4)
+        ... except ReleaseFormatError as err:
+        ...     print("not a Q-DETR release" in str(err))
+        True
+    """
 
 
 @dataclass
@@ -106,6 +118,16 @@ class ReleaseConversionReport:
             ``num_batches_tracked``).
         renamed: number of keys whose name changed.
         warnings: non-fatal findings (unusual ``signed`` pattern, identical query halves).
+
+    Examples:
+        >>> from qdetr.models import convert_release_state_dict, model_config
+        >>> from qdetr.testing import make_release_state_dict
+        >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
+        >>> _, report = convert_release_state_dict(state, bits=4)
+        >>> report.bits, report.config.hidden_dim, report.num_dead_modules, report.warnings
+        (4, 32, 16, [])
+        >>> report.summary()
+        'Q-DETR release state dict, 4-bit, seed profile: renamed ... keys, ...'
     """
 
     bits: int
@@ -397,6 +419,19 @@ def convert_release_state_dict(
 
     Raises:
         ReleaseFormatError: on any failed check (see the module docstring).
+
+    Examples:
+        >>> from qdetr.models import convert_release_state_dict, create_model, model_config
+        >>> from qdetr.testing import make_release_state_dict
+        >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
+        >>> converted, report = convert_release_state_dict(state, bits=4)
+        >>> "backbone.0.body.conv1.weight_quantizer.scale" in converted
+        True
+        >>> model = create_model("qdetr_smca_tiny", bits=4, profile="seed")
+        >>> model.load_state_dict(converted, strict=True)
+        <All keys matched successfully>
+        >>> release = torch.load("ckpt_4_bit_smca_detr_coco.pth", weights_only=True)  # doctest: +SKIP
+        >>> converted, report = convert_release_state_dict(release, bits=4)  # doctest: +SKIP
     """
     if bits not in (2, 3, 4):
         raise ReleaseFormatError(f"bits must be 2, 3 or 4 (the file does not store it); got {bits!r}")
@@ -523,6 +558,14 @@ def load_release_state_dict(
 
     Raises:
         ReleaseFormatError: on failed checks or non-finite smoke-test outputs.
+
+    Examples:
+        >>> from qdetr.models import load_release_state_dict, model_config
+        >>> from qdetr.testing import make_release_state_dict
+        >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
+        >>> model, report = load_release_state_dict(state, bits=2)
+        >>> model.training, report.bits, type(model).__name__
+        (False, 2, 'SmcaDetr')
     """
     converted, report = convert_release_state_dict(state_dict, bits=bits)
     if model is None:

@@ -312,6 +312,26 @@ class SmcaDetr(PretrainedMethodsMixin, nn.Module):
     :class:`~qdetr.models.detr.Detr`; each image's real size (for the reference point) is
     the number of rows/columns of ``pixel_mask`` that hold a real pixel, so any batch size
     and any bottom/right padding work.
+
+    Shapes:
+        pixel_values: (B, 3, H, W); pixel_mask: (B, H, W), 1 = real pixel.
+        returns ``pred_logits`` (B, Q, C+1) sigmoid-focal logits, ``pred_boxes`` (B, Q, 4)
+        normalised cxcywh, ``decoder_hidden_states`` and ``co_attn_features`` (L, B, Q, d).
+
+    Raises:
+        TypeError: if ``config`` is not an ``SmcaConfig``.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import create_model
+        >>> model = create_model("smca_detr_tiny").eval()
+        >>> pixel_values = torch.randn(2, 3, 64, 96)
+        >>> pixel_mask = torch.ones(2, 64, 96, dtype=torch.int64)
+        >>> pixel_mask[1, :, 64:] = 0  # the second image is 64x64, padded on the right
+        >>> with torch.no_grad():
+        ...     out = model(pixel_values, pixel_mask)
+        >>> out.classification, out["pred_logits"].shape, out["pred_boxes"].shape
+        ('sigmoid', torch.Size([2, 10, 6]), torch.Size([2, 10, 4]))
     """
 
     def __init__(self, config: SmcaConfig) -> None:

@@ -10,7 +10,7 @@ Public API:
 
 from qdetr.quant.api import is_quantized, quantize_model
 from qdetr.quant.attention import QuantMultiheadAttention
-from qdetr.quant.calibrate import calibrate, calibration
+from qdetr.quant.activation_calibration import calibrate, calibration
 from qdetr.quant.config import AttentionQuantSpec, LayerQuantSpec, QuantConfig, QuantizerConfig
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer, UncalibratedQuantizerError

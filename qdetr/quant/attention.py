@@ -61,13 +61,27 @@ def _quantize_linear_child(
 class QuantMultiheadAttention(MultiheadAttention):
     """Quantization-aware multi-head attention; see the module docstring for the slots.
 
-    Example:
+    Build it with :meth:`from_float`; ``forward`` and ``forward_with_values`` are those of
+    :class:`qdetr.layers.MultiheadAttention`.
+
+    Shapes:
+        query: (L, B, E), key/value: (S, B, E) (or batch first with ``batch_first``); output
+        like query; per-head quantizers (q, k, v, probabilities) act on axis 1 of
+        (B, h, L, d_h) / (B, h, L, S) tensors and hold (h,) steps.
+
+    Examples:
         >>> mha = nn.MultiheadAttention(64, 8)
         >>> spec = AttentionQuantSpec(proj_weight_bits=4, proj_input_bits=4, out_weight_bits=4,
         ...                           out_input_bits=4, attn_bits=8)
         >>> qmha = QuantMultiheadAttention.from_float(mha, spec)
-        >>> x = torch.randn(10, 2, 64)
+        >>> x = torch.randn(10, 2, 64)                  # (L, B, E)
         >>> out, _ = qmha.train()(x, x, x)
+        >>> out.shape
+        torch.Size([10, 2, 64])
+        >>> qmha.in_proj_weight_quantizer.scale.shape, qmha.prob_quantizer.scale.shape   # (3E,), (h,)
+        (torch.Size([192]), torch.Size([8]))
+        >>> qmha.in_proj_weight is mha.in_proj_weight  # parameters are shared
+        True
     """
 
     @classmethod
@@ -76,6 +90,10 @@ class QuantMultiheadAttention(MultiheadAttention):
 
         Parameters are shared, not copied. Slots already filled on a qdetr attention (for
         example a distribution-alignment ``q_align``) are kept.
+
+        Args:
+            module: the float attention.
+            spec: which tensors get which bits.
 
         Raises:
             TypeError: for other module types.
@@ -126,7 +144,16 @@ def _hf_out_proj_name(module: nn.Module) -> str | None:
 def is_hf_attention(module: nn.Module) -> bool:
     """True for transformers attention modules that project with child ``nn.Linear`` layers,
     have an ``o_proj``/``out_proj`` output projection and dispatch through
-    ``ALL_ATTENTION_FUNCTIONS`` (DETR, Conditional DETR, ... in transformers >= 5)."""
+    ``ALL_ATTENTION_FUNCTIONS`` (DETR, Conditional DETR, ... in transformers >= 5).
+
+    Examples:
+        >>> from transformers import DetrConfig
+        >>> from transformers.models.detr.modeling_detr import DetrSelfAttention
+        >>> is_hf_attention(DetrSelfAttention(DetrConfig(d_model=32), hidden_size=32, num_attention_heads=4))
+        True
+        >>> is_hf_attention(nn.MultiheadAttention(32, 4))
+        False
+    """
     if _hf_out_proj_name(module) is None or not hasattr(module, "config") or not hasattr(module, "head_dim"):
         return False
     return "attention_interface" in type(module).forward.__code__.co_varnames
@@ -197,8 +224,28 @@ def quantize_hf_attention(module: nn.Module, spec: AttentionQuantSpec) -> nn.Mod
     for distribution alignment) and the module's config is switched to the
     ``"qdetr_fake_quant"`` attention function.
 
+    Args:
+        module: a module for which :func:`is_hf_attention` is True, modified in place.
+        spec: which tensors get which bits.
+
     Returns:
         The same module.
+
+    Raises:
+        TypeError: for a module that is not a supported transformers attention.
+
+    Examples:
+        >>> from transformers import DetrConfig
+        >>> from transformers.models.detr.modeling_detr import DetrSelfAttention
+        >>> attn = DetrSelfAttention(DetrConfig(d_model=32), hidden_size=32, num_attention_heads=4)
+        >>> spec = AttentionQuantSpec(proj_weight_bits=4, proj_input_bits=4, out_weight_bits=4,
+        ...                           out_input_bits=4, attn_bits=8)
+        >>> attn = quantize_hf_attention(attn, spec)
+        >>> type(attn.q_proj).__name__, attn.prob_quantizer.scale.shape    # (h,) steps
+        ('QuantLinear', torch.Size([4]))
+        >>> out, probs = attn.train()(torch.randn(2, 5, 32))                # (B, L, E)
+        >>> out.shape, probs.shape                                          # (B, L, E), (B, h, L, L)
+        (torch.Size([2, 5, 32]), torch.Size([2, 4, 5, 5]))
     """
     if not is_hf_attention(module):
         raise TypeError(f"{type(module).__name__} is not a supported transformers attention module")

@@ -37,8 +37,23 @@ Signedness = Union[bool, Literal["auto"]]
 def check_bits(bits: Any, what: str = "bits") -> int:
     """Validate a bit width and return it as ``int``.
 
+    Args:
+        bits: the value to check.
+        what: the name used in the error message.
+
+    Returns:
+        ``bits``.
+
     Raises:
         ValueError: if ``bits`` is not an integer in 2..8.
+
+    Examples:
+        >>> check_bits(4)
+        4
+        >>> check_bits(16, "weight_bits")
+        Traceback (most recent call last):
+            ...
+        ValueError: weight_bits must be an integer from 2 to 8 (2, 3, 4 and 8 are the tested widths); got 16
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(
@@ -66,6 +81,17 @@ class QuantizerConfig:
         zero_point_init: activation zero-point init: ``"zero"``, ``"seed"`` (damped rule) or
             ``"lsq+"`` (min/max rule). Ignored for weights.
         learn_zero_point: activation zero point is a trained parameter (LSQ+). Ignored for weights.
+
+    Raises:
+        ValueError: for an unknown choice (the message lists the valid ones).
+
+    Examples:
+        >>> QuantizerConfig(granularity="per_tensor").granularity
+        'per_tensor'
+        >>> QuantizerConfig.seed().zero_point_init
+        'seed'
+        >>> QuantConfig(bits=2, weight=QuantizerConfig(granularity="per_tensor")).weight.granularity
+        'per_tensor'
     """
 
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
@@ -82,7 +108,13 @@ class QuantizerConfig:
 
     @classmethod
     def seed(cls) -> "QuantizerConfig":
-        """The released checkpoints' numerics: tensor-wide init and gradient scale, damped zero point."""
+        """The released checkpoints' numerics: tensor-wide init and gradient scale, damped zero point.
+
+        Examples:
+            >>> cfg = QuantizerConfig.seed()
+            >>> cfg.init, cfg.grad_scale_numel
+            ('tensor', 'tensor')
+        """
         return cls(init="tensor", grad_scale_numel="tensor", zero_point_init="seed")
 
 
@@ -97,6 +129,16 @@ class LayerQuantSpec:
             from the first calibration batch as ``min(x) < -1e-5`` and then stored).
         weight: weight quantizer numerics.
         activation: input quantizer numerics.
+
+    Raises:
+        ValueError: for bit widths outside 2..8.
+
+    Examples:
+        >>> from qdetr.quant import QuantLinear
+        >>> spec = LayerQuantSpec(weight_bits=4, input_bits=None)      # weight-only quantization
+        >>> layer = QuantLinear.from_float(nn.Linear(16, 8), spec)
+        >>> layer.weight_quantizer.bits, layer.input_quantizer is None
+        (4, True)
     """
 
     weight_bits: int | None
@@ -123,6 +165,18 @@ class AttentionQuantSpec:
         out_input_bits: bits of the output projection input (the co-attended values).
         attn_bits: bits of q, k, v and the softmax probabilities (per head), or None.
         weight, activation: quantizer numerics.
+
+    Raises:
+        ValueError: for bit widths outside 2..8.
+
+    Examples:
+        >>> spec = AttentionQuantSpec(proj_weight_bits=4, proj_input_bits=None, out_weight_bits=4,
+        ...                           out_input_bits=None, attn_bits=8)
+        >>> spec.is_float
+        False
+        >>> AttentionQuantSpec(proj_weight_bits=None, proj_input_bits=None, out_weight_bits=None,
+        ...                    out_input_bits=None, attn_bits=None).is_float
+        True
     """
 
     proj_weight_bits: int | None
@@ -169,7 +223,7 @@ class QuantConfig:
     Raises:
         ValueError: on bit widths outside 2..8, an unknown profile or malformed rules.
 
-    Example:
+    Examples:
         >>> cfg = QuantConfig(bits=2, overrides={"backbone.*": 4}, keep_float=("*.linear2",))
         >>> QuantConfig.from_dict(cfg.to_dict()) == cfg
         True
@@ -223,7 +277,13 @@ class QuantConfig:
         return self.act_bits if self.act_bits is not None else self.bits
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict with a ``version`` field."""
+        """JSON-serialisable dict with a ``version`` field.
+
+        Examples:
+            >>> d = QuantConfig(bits=3).to_dict()
+            >>> d["bits"], d["version"]
+            (3, 1)
+        """
         d = dataclasses.asdict(self)
         d["overrides"] = [list(p) for p in self.overrides]
         d["keep_float"] = list(self.keep_float)

@@ -35,14 +35,33 @@ if _state["backend"] not in _BACKENDS:
 
 
 def set_kernel_backend(name: str) -> None:
-    """Choose ``"eager"`` or ``"compiled"`` fake-quantization kernels (see the module docstring)."""
+    """Choose ``"eager"`` or ``"compiled"`` fake-quantization kernels (see the module docstring).
+
+    Args:
+        name: ``"eager"`` or ``"compiled"``.
+
+    Raises:
+        ValueError: for any other name.
+
+    Examples:
+        >>> previous = get_kernel_backend()
+        >>> set_kernel_backend("eager")        # "compiled" is selected the same way
+        >>> get_kernel_backend()
+        'eager'
+        >>> set_kernel_backend(previous)
+    """
     if name not in _BACKENDS:
         raise ValueError(f"kernel backend must be one of {_BACKENDS}; got {name!r}")
     _state["backend"] = name
 
 
 def get_kernel_backend() -> str:
-    """The active kernel backend."""
+    """The active kernel backend, ``"eager"`` or ``"compiled"``.
+
+    Examples:
+        >>> get_kernel_backend() in ("eager", "compiled")
+        True
+    """
     return _state["backend"]
 
 
@@ -186,20 +205,80 @@ def _dispatch(name: str, eager, big: list[torch.Tensor], small: list[torch.Tenso
 
 
 def weight_forward(w, s, qn: int, qp: int):
-    """``round(clip(w / s, Qn, Qp)) * s``."""
+    """``round(clip(w / s, Qn, Qp)) * s``.
+
+    Args:
+        w: weight, any shape, e.g. (C_out, C_in).
+        s: positive steps broadcastable to ``w``, e.g. (C_out, 1).
+        qn, qp: integer range.
+
+    Returns:
+        Tensor shaped like ``w``.
+
+    Examples:
+        >>> weight_forward(torch.tensor([[0.26, -1.0, 9.0]]), torch.tensor([[0.5]]), -8, 7)
+        tensor([[ 0.5000, -1.0000,  3.5000]])
+    """
     return _dispatch("weight_forward", _weight_forward_eager, [w], [s], (qn, qp))
 
 
 def weight_backward(w, s, grad, qn: int, qp: int):
-    """``(grad_w, grad_s)`` before the LSQ gradient scale (method.md section 2)."""
+    """``(grad_w, grad_s)`` before the LSQ gradient scale (method.md section 2).
+
+    Args:
+        w: weight, any shape.
+        s: positive steps broadcastable to ``w``.
+        grad: gradient of the output, shaped like ``w``.
+        qn, qp: integer range.
+
+    Returns:
+        ``grad_w`` shaped like ``w`` (zero where clipped) and ``grad_s`` shaped like ``s``.
+
+    Examples:
+        >>> w, s = torch.randn(4, 3), torch.full((4, 1), 0.1)
+        >>> grad_w, grad_s = weight_backward(w, s, torch.ones_like(w), -8, 7)
+        >>> grad_w.shape, grad_s.shape
+        (torch.Size([4, 3]), torch.Size([4, 1]))
+    """
     return _dispatch("weight_backward", _weight_backward_eager, [w, grad], [s], (qn, qp))
 
 
 def act_forward(x, s, z, qn: int, qp: int):
-    """``(round(clip(x / s + round(z), Qn, Qp)) - round(z)) * s``."""
+    """``(round(clip(x / s + round(z), Qn, Qp)) - round(z)) * s``.
+
+    Args:
+        x: activation, any shape, e.g. (B, L, C).
+        s: positive steps broadcastable to ``x``, e.g. (1, 1, C).
+        z: zero points broadcastable to ``x`` (used as ``round(z)``).
+        qn, qp: integer range.
+
+    Returns:
+        Tensor shaped like ``x``.
+
+    Examples:
+        >>> act_forward(torch.tensor([0.3, 2.0, -1.0]), torch.tensor(0.25), torch.tensor(0.0), 0, 3)
+        tensor([0.2500, 0.7500, 0.0000])
+    """
     return _dispatch("act_forward", _act_forward_eager, [x], [s, z], (qn, qp))
 
 
 def act_backward(x, s, z, grad, qn: int, qp: int):
-    """``(grad_x, grad_s, grad_z)`` before the LSQ gradient scale (method.md section 3.2)."""
+    """``(grad_x, grad_s, grad_z)`` before the LSQ gradient scale (method.md section 3.2).
+
+    Args:
+        x: activation, any shape.
+        s: positive steps broadcastable to ``x``.
+        z: zero points shaped like ``s``.
+        grad: gradient of the output, shaped like ``x``.
+        qn, qp: integer range.
+
+    Returns:
+        ``grad_x`` shaped like ``x`` (zero where clipped), ``grad_s`` and ``grad_z`` shaped like ``s``.
+
+    Examples:
+        >>> x, s, z = torch.randn(2, 5, 3), torch.full((1, 1, 3), 0.1), torch.zeros(1, 1, 3)
+        >>> gx, gs, gz = act_backward(x, s, z, torch.ones_like(x), -8, 7)
+        >>> gx.shape, gs.shape, gz.shape
+        (torch.Size([2, 5, 3]), torch.Size([1, 1, 3]), torch.Size([1, 1, 3]))
+    """
     return _dispatch("act_backward", _act_backward_eager, [x, grad], [s, z], (qn, qp))

@@ -61,9 +61,15 @@ class QuantLinear(nn.Linear):
     Shapes:
         input: (..., in_features); output: (..., out_features).
 
-    Example:
+    Examples:
         >>> lin = QuantLinear.from_float(nn.Linear(16, 8), LayerQuantSpec(weight_bits=4, input_bits=4))
         >>> y = lin.train()(torch.randn(2, 16))
+        >>> y.shape, isinstance(lin, nn.Linear)
+        (torch.Size([2, 8]), True)
+        >>> lin.weight_quantizer.scale.shape, lin.input_quantizer.scale.shape   # (out,), (in,)
+        (torch.Size([8]), torch.Size([16]))
+        >>> type(lin.to_float()).__name__
+        'Linear'
     """
 
     weight_quantizer: LSQWeightQuantizer | None
@@ -71,7 +77,11 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_float(cls, module: nn.Linear, spec: LayerQuantSpec) -> "QuantLinear":
-        """Wrap ``module`` (sharing its weight and bias) with quantizers described by ``spec``."""
+        """Wrap ``module`` (sharing its weight and bias) with quantizers described by ``spec``.
+
+        Raises:
+            TypeError: if ``module`` has the wrong type.
+        """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"QuantLinear.from_float expects nn.Linear, got {type(module).__name__}")
         new = cls.__new__(cls)
@@ -93,10 +103,11 @@ class QuantLinear(nn.Linear):
         return lin
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight (the float weight when weights stay in float)."""
+        """The fake-quantized weight (the float weight when weights stay in float), shaped like ``weight``."""
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features) with quantized input and weight."""
         if self.input_quantizer is None:
             return F.linear(x, self.quantized_weight(), self.bias)
         x_hat = self.input_quantizer(x)
@@ -113,9 +124,15 @@ class QuantConv2d(nn.Conv2d):
     Shapes:
         input: (B, C_in, H, W); output: (B, C_out, H', W').
 
-    Example:
+    Examples:
         >>> conv = QuantConv2d.from_float(nn.Conv2d(3, 8, 3), LayerQuantSpec(weight_bits=8, input_bits=8))
         >>> y = conv.train()(torch.randn(1, 3, 16, 16))
+        >>> y.shape
+        torch.Size([1, 8, 14, 14])
+        >>> conv.weight_quantizer.scale.shape, conv.input_quantizer.scale.shape   # (C_out,), (C_in,)
+        (torch.Size([8]), torch.Size([3]))
+        >>> conv.quantized_weight().shape
+        torch.Size([8, 3, 3, 3])
     """
 
     weight_quantizer: LSQWeightQuantizer | None
@@ -123,7 +140,11 @@ class QuantConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, spec: LayerQuantSpec) -> "QuantConv2d":
-        """Wrap ``module`` (sharing its weight and bias) with quantizers described by ``spec``."""
+        """Wrap ``module`` (sharing its weight and bias) with quantizers described by ``spec``.
+
+        Raises:
+            TypeError: if ``module`` has the wrong type.
+        """
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
         new = cls.__new__(cls)
@@ -147,10 +168,11 @@ class QuantConv2d(nn.Conv2d):
         return conv
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight (the float weight when weights stay in float)."""
+        """The fake-quantized weight (the float weight when weights stay in float), shaped like ``weight``."""
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H', W') with quantized input and weight."""
         if self.input_quantizer is None:
             return self._conv_forward(x, self.quantized_weight(), self.bias)
         x_hat = self.input_quantizer(x)

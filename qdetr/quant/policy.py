@@ -62,7 +62,13 @@ Role = str
 
 @dataclass(frozen=True)
 class FloatReason:
-    """Why a Conv2d/Linear/attention module stays in float."""
+    """Why a Conv2d/Linear/attention module stays in float.
+
+    Examples:
+        >>> reason = plan_layer("input_proj", QuantConfig(bits=4))
+        >>> isinstance(reason, FloatReason), str(reason)
+        (True, 'input_proj (float in every profile)')
+    """
 
     reason: str
 
@@ -72,7 +78,21 @@ class FloatReason:
 
 def classify_linear_or_conv(name: str, module: nn.Module, is_stem: bool) -> Role:
     """Role of a Conv2d/Linear: ``stem``, ``downsample``, ``input_proj``, ``head``, ``ffn_in``,
-    ``ffn_out``, ``conv`` or ``linear``."""
+    ``ffn_out``, ``conv`` or ``linear``.
+
+    Args:
+        name: qualified module name, e.g. ``"transformer.decoder.layers.0.linear2"``.
+        module: the Conv2d or Linear.
+        is_stem: whether this is the first Conv2d reading the 3-channel image.
+
+    Examples:
+        >>> classify_linear_or_conv("transformer.encoder.layers.0.linear2", nn.Linear(8, 4), False)
+        'ffn_out'
+        >>> classify_linear_or_conv("backbone.0.body.layer1.0.downsample.0", nn.Conv2d(8, 16, 1), False)
+        'downsample'
+        >>> classify_linear_or_conv("class_embed", nn.Linear(8, 4), False)
+        'head'
+    """
     parts = set(name.split("."))
     leaf = name.rsplit(".", 1)[-1]
     if parts & HEAD_NAMES:
@@ -93,12 +113,35 @@ def classify_linear_or_conv(name: str, module: nn.Module, is_stem: bool) -> Role
 
 
 def classify_attention(name: str) -> Role:
-    """``cross_attn`` when a name part says so (``multihead_attn``, ``encoder_attn``), else ``self_attn``."""
+    """``cross_attn`` when a name part says so (``multihead_attn``, ``encoder_attn``), else ``self_attn``.
+
+    Examples:
+        >>> classify_attention("transformer.decoder.layers.0.multihead_attn")
+        'cross_attn'
+        >>> classify_attention("transformer.encoder.layers.0.self_attn")
+        'self_attn'
+    """
     return "cross_attn" if set(name.split(".")) & CROSS_ATTENTION_NAMES else "self_attn"
 
 
 def plan_layer(role: Role, config: QuantConfig, bits_override: int | None = None) -> LayerQuantSpec | FloatReason:
-    """Resolve the quantization of a Conv2d/Linear with the given role under ``config``."""
+    """Resolve the quantization of a Conv2d/Linear with the given role under ``config``.
+
+    Args:
+        role: from :func:`classify_linear_or_conv`.
+        config: the model's :class:`QuantConfig`.
+        bits_override: bits from a matching ``overrides`` rule, if any.
+
+    Returns:
+        A :class:`LayerQuantSpec`, or a :class:`FloatReason` for layers kept in float.
+
+    Examples:
+        >>> spec = plan_layer("ffn_out", QuantConfig(bits=2))
+        >>> spec.weight_bits, spec.input_bits, spec.input_signed
+        (2, 2, False)
+        >>> plan_layer("stem", QuantConfig(bits=2)).weight_bits
+        8
+    """
     b = bits_override if bits_override is not None else config.bits
     a = bits_override if bits_override is not None else config.activation_bits
     common = {"weight": config.weight, "activation": config.activation}
@@ -120,7 +163,23 @@ def plan_layer(role: Role, config: QuantConfig, bits_override: int | None = None
 
 
 def plan_attention(role: Role, config: QuantConfig, bits_override: int | None = None) -> AttentionQuantSpec:
-    """Resolve the quantization of an attention module (``self_attn`` or ``cross_attn``)."""
+    """Resolve the quantization of an attention module (``self_attn`` or ``cross_attn``).
+
+    Args:
+        role: from :func:`classify_attention`.
+        config: the model's :class:`QuantConfig`.
+        bits_override: bits from a matching ``overrides`` rule, if any.
+
+    Returns:
+        An :class:`AttentionQuantSpec`.
+
+    Examples:
+        >>> spec = plan_attention("cross_attn", QuantConfig(bits=4, profile="seed"))
+        >>> spec.proj_weight_bits, spec.attn_bits
+        (None, 8)
+        >>> plan_attention("cross_attn", QuantConfig(bits=4)).proj_input_bits
+        4
+    """
     b = bits_override if bits_override is not None else config.bits
     a = bits_override if bits_override is not None else config.activation_bits
     common = {"weight": config.weight, "activation": config.activation, "attn_bits": config.attn_bits}

@@ -36,7 +36,10 @@ def integer_range(bits: int, signed: bool) -> tuple[int, int]:
         bits: 2..8.
         signed: signed range ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
 
-    Example:
+    Returns:
+        ``(Qn, Qp)``.
+
+    Examples:
         >>> integer_range(4, True), integer_range(2, False)
         ((-8, 7), (0, 3))
     """
@@ -46,7 +49,16 @@ def integer_range(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def grad_scale_factor(numel_per_step: int, qp: int) -> float:
-    """LSQ gradient scale ``g = 1 / sqrt(N * Qp)``."""
+    """LSQ gradient scale ``g = 1 / sqrt(N * Qp)``.
+
+    Args:
+        numel_per_step: N, the number of elements sharing one step (at least 1 is used).
+        qp: the largest integer level Qp.
+
+    Examples:
+        >>> grad_scale_factor(28, 7)
+        0.07142857142857142
+    """
     return 1.0 / math.sqrt(max(numel_per_step, 1) * qp)
 
 
@@ -99,6 +111,14 @@ def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, qn: int, qp: in
 
     Returns:
         Tensor like ``weight`` holding ``s * W_int``.
+
+    Examples:
+        >>> w = torch.randn(8, 4, requires_grad=True)
+        >>> s = torch.full((8, 1), 0.1, requires_grad=True)
+        >>> w_hat = fake_quant_weight(w, s, -8, 7, grad_scale_factor(4, 7))
+        >>> w_hat.sum().backward()
+        >>> w_hat.shape, w.grad.shape, s.grad.shape
+        (torch.Size([8, 4]), torch.Size([8, 4]), torch.Size([8, 1]))
     """
     return _FakeQuantWeight.apply(weight, scale, qn, qp, g)
 
@@ -114,10 +134,33 @@ def fake_quant_activation(
         zero_point: float zero points broadcastable to ``x``, used as ``round(z)``.
         qn, qp: integer range.
         g: gradient scale applied to the step and zero-point gradients.
+
+    Returns:
+        Tensor like ``x`` holding ``(q - round(z)) * s``.
+
+    Examples:
+        >>> x = torch.randn(2, 10, 8)                             # (B, L, C)
+        >>> s, z = torch.full((1, 1, 8), 0.2), torch.zeros(1, 1, 8)
+        >>> x_hat = fake_quant_activation(x, s, z, -8, 7, 1.0)
+        >>> x_hat.shape, bool((x_hat / 0.2).round().abs().max() <= 8)
+        (torch.Size([2, 10, 8]), True)
     """
     return _FakeQuantActivation.apply(x, scale, zero_point, qn, qp, g)
 
 
 def quantize_weight_codes(weight: torch.Tensor, scale: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    """Integer codes ``W_int = clip(round(w / s), Qn, Qp)`` as int8 (method.md section 2)."""
+    """Integer codes ``W_int = clip(round(w / s), Qn, Qp)`` as int8 (method.md section 2).
+
+    Args:
+        weight: any shape, e.g. (C_out, C_in, kh, kw).
+        scale: positive steps broadcastable to ``weight``, e.g. (C_out, 1, 1, 1).
+        qn, qp: integer range (within int8).
+
+    Returns:
+        int8 tensor shaped like ``weight``.
+
+    Examples:
+        >>> quantize_weight_codes(torch.tensor([[0.26, -1.0, 9.0]]), torch.tensor([[0.5]]), -8, 7)
+        tensor([[ 1, -2,  7]], dtype=torch.int8)
+    """
     return torch.round((weight / scale).clamp(qn, qp)).to(torch.int8)

@@ -33,7 +33,19 @@ MIN_STEP = 1e-8
 
 
 class UncalibratedQuantizerError(RuntimeError):
-    """Raised when an activation quantizer that was never calibrated runs in eval mode."""
+    """Raised when an activation quantizer that was never calibrated runs in eval mode.
+
+    Fix it by calibrating (:func:`qdetr.quant.calibrate`), running a training step, or loading
+    quantized weights.
+
+    Examples:
+        >>> q = LSQActQuantizer(4, 8, axis=-1).eval()
+        >>> try:
+        ...     q(torch.randn(2, 8))
+        ... except UncalibratedQuantizerError:
+        ...     print("calibrate first")
+        calibrate first
+    """
 
 
 def _distributed() -> bool:
@@ -120,12 +132,17 @@ class LSQWeightQuantizer(_QuantizerBase):
     Shapes:
         weight: (C_out, ...) with C_out on ``axis``; ``scale``: (C_out,) or (1,).
 
-    Example:
+    Examples:
         >>> q = LSQWeightQuantizer(4, 16)
         >>> w = torch.randn(16, 8)
         >>> q.initialize_from(w)
         >>> q(w).shape
         torch.Size([16, 8])
+        >>> q.scale.shape, (q.qmin, q.qmax)
+        (torch.Size([16]), (-8, 7))
+        >>> codes = q.integer_codes(w)                  # int8 in [Qn, Qp]
+        >>> codes.dtype, bool(torch.equal(q(w), codes * q.scale[:, None]))
+        (torch.int8, True)
     """
 
     def __init__(self, bits: int, num_channels: int = 1, *, axis: int = 0, config: QuantizerConfig | None = None):
@@ -146,6 +163,12 @@ class LSQWeightQuantizer(_QuantizerBase):
         """Set ``s = 2 mean|w| / sqrt(Qp)`` (per channel or tensor-wide) and mark initialised.
 
         Under ``torch.distributed`` the result is broadcast from rank 0.
+
+        Args:
+            weight: (C_out, ...) with ``num_channels`` entries on ``axis``.
+
+        Raises:
+            ValueError: if the channel count on ``axis`` differs from ``num_channels``.
         """
         w = _stats_dtype(weight)
         axis = self._axis_for(w.dim())
@@ -161,14 +184,25 @@ class LSQWeightQuantizer(_QuantizerBase):
         self._mark_initialized()
 
     def grad_scale(self, weight: torch.Tensor) -> float:
-        """LSQ gradient scale g for this weight."""
+        """LSQ gradient scale g for this weight.
+
+        Args:
+            weight: (C_out, ...) weight tensor (only its element count is used).
+        """
         numel = weight.numel()
         if self.config.grad_scale_numel == "per_step":
             numel = numel // self.num_channels
         return grad_scale_factor(numel, self.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``weight``; identity when ``enabled`` is False."""
+        """Fake-quantize ``weight``; identity when ``enabled`` is False.
+
+        Args:
+            weight: (C_out, ...); an uncalibrated quantizer initialises its steps from it.
+
+        Returns:
+            Tensor of the same shape and dtype, ``s * W_int``.
+        """
         if not self.enabled:
             return weight
         if not self._is_initialized:
@@ -178,7 +212,14 @@ class LSQWeightQuantizer(_QuantizerBase):
 
     @torch.no_grad()
     def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """Integer codes ``W_int = clip(round(w / s), Qn, Qp)`` as int8; ``ŵ = s · W_int`` exactly."""
+        """Integer codes ``W_int = clip(round(w / s), Qn, Qp)`` as int8; ``ŵ = s · W_int`` exactly.
+
+        Args:
+            weight: (C_out, ...) float weight.
+
+        Returns:
+            int8 tensor of the same shape with values in ``[qmin, qmax]``.
+        """
         return quantize_weight_codes(weight, self._scale_view(weight).to(weight.dtype), self.qmin, self.qmax)
 
 
@@ -206,11 +247,13 @@ class LSQActQuantizer(_QuantizerBase):
         input: any shape with ``num_channels`` entries on ``axis``; ``scale``, ``zero_point``:
         (num_channels,) or (1,).
 
-    Example:
+    Examples:
         >>> q = LSQActQuantizer(4, 8, axis=-1, signed="auto").train()
         >>> y = q(torch.randn(2, 10, 8))   # calibrates on this first training batch
-        >>> bool(q.signed)
-        True
+        >>> bool(q.signed), y.shape, q.scale.shape
+        (True, torch.Size([2, 10, 8]), torch.Size([8]))
+        >>> q.qrange
+        (-8, 7)
     """
 
     def __init__(
@@ -248,7 +291,11 @@ class LSQActQuantizer(_QuantizerBase):
         return integer_range(self.bits, self._is_signed)
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        """LSQ gradient scale g for this input."""
+        """LSQ gradient scale g for this input.
+
+        Args:
+            x: the input (only its shape is used; dim 0 is the batch).
+        """
         numel = x.numel()
         if self.config.grad_scale_numel == "per_step":
             numel = numel // self.num_channels
@@ -262,6 +309,12 @@ class LSQActQuantizer(_QuantizerBase):
 
         Under ``torch.distributed`` the statistics are all-reduced: ``mean|x|`` is averaged,
         ``min`` and ``max`` take the global extremes.
+
+        Args:
+            x: a batch with ``num_channels`` entries on ``axis``.
+
+        Raises:
+            ValueError: if the channel count on ``axis`` differs from ``num_channels``.
         """
         xf = _stats_dtype(x)
         axis = self._axis_for(xf.dim())
@@ -301,7 +354,17 @@ class LSQActQuantizer(_QuantizerBase):
         self._mark_initialized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x``; identity when ``enabled`` is False."""
+        """Fake-quantize ``x``; identity when ``enabled`` is False.
+
+        Args:
+            x: any shape with ``num_channels`` entries on ``axis``.
+
+        Returns:
+            Tensor of the same shape and dtype.
+
+        Raises:
+            UncalibratedQuantizerError: in eval mode before any calibration.
+        """
         if not self.enabled:
             return x
         if self.calibrating or (self.training and not self._is_initialized):

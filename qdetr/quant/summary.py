@@ -17,7 +17,14 @@ __all__ = ["QuantSummary", "LayerSummary", "quant_summary"]
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One row: module name, kind (``conv``/``linear``/``attention``), bits and status."""
+    """One row: module name, kind (``conv``/``linear``/``attention``), bits and status.
+
+    Examples:
+        >>> from qdetr.quant import quantize_model
+        >>> row = quant_summary(quantize_model(nn.Sequential(nn.Linear(8, 4)), bits=4)).layers[0]
+        >>> row.name, row.kind, row.weight_bits, row.status
+        ('0', 'linear', '4', 'quantized (linear)')
+    """
 
     name: str
     kind: str
@@ -32,12 +39,22 @@ class QuantSummary:
     """Per-layer table plus coverage counts ``{kind: (quantized, total)}``.
 
     ``str(summary)`` renders a readable table.
+
+    Examples:
+        >>> from qdetr.quant import quantize_model
+        >>> model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), bits=4)
+        >>> summary = quant_summary(model)
+        >>> summary.coverage
+        {'conv': (2, 2), 'linear': (0, 0), 'attention': (0, 0)}
+        >>> [(row.name, row.weight_bits) for row in summary.layers]    # the stem conv gets 8 bits
+        [('0', '8'), ('2', '4')]
     """
 
     layers: list[LayerSummary] = field(default_factory=list)
 
     @property
     def coverage(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (quantized, total)}`` for ``conv``, ``linear`` and ``attention``."""
         out: dict[str, tuple[int, int]] = {}
         for kind in ("conv", "linear", "attention"):
             rows = [r for r in self.layers if r.kind == kind]
@@ -80,6 +97,20 @@ def quant_summary(model: nn.Module) -> QuantSummary:
         A :class:`QuantSummary`; ``print(summary)`` shows one row per Conv2d/Linear/attention
         module with weight, input and attention bits (``s``/``u`` = signed/unsigned input,
         ``?`` = not calibrated yet) and, for float layers, why they stayed float.
+
+    Examples:
+        >>> import qdetr
+        >>> model = qdetr.quantize_model(qdetr.create_model("detr_tiny"), bits=4)
+        >>> summary = quant_summary(model)
+        >>> summary.coverage["attention"]
+        (5, 5)
+        >>> summary.float_layers["input_proj"]
+        'float: input_proj (float in every profile)'
+        >>> print(summary)  # doctest: +ELLIPSIS
+        module                                       kind       W        A        attn  status
+        ...
+        transformer.decoder.layers.0.multihead_attn  attention  4/out 4  4/out 4  8     quantized (cross_attn)
+        ...
     """
     report: dict[str, str] = getattr(model, REPORT_ATTR, {})
     summary = QuantSummary()

@@ -17,7 +17,7 @@ from qdetr.zoo.cache import OfflineModeError, default_cache_dir, is_offline
 from qdetr.zoo.download import ChecksumError, DownloadError, HTMLResponseError, download_url, gdrive_download_url
 from qdetr.zoo.hub import load_from_hub, load_pretrained_dir, push_to_hub, save_pretrained
 from qdetr.zoo.packing import pack_codes, unpack_codes
-from qdetr.zoo.predict import predict
+from qdetr.zoo.prediction import predict
 from qdetr.zoo.pretrained import attach_pretrained_methods, from_pretrained
 from qdetr.zoo.registry import PretrainedEntry, get_pretrained_entry, list_pretrained, register_pretrained
 from qdetr.zoo.release import BitWidthError, load_release_checkpoint

@@ -32,7 +32,19 @@ _TRUE_VALUES = {"1", "true", "yes", "on", "y", "t"}
 
 
 class OfflineModeError(RuntimeError):
-    """Raised when a file is needed from the network while offline mode is on."""
+    """Raised when a file is needed from the network while offline mode is on.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from unittest import mock
+        >>> from qdetr.zoo import OfflineModeError, download_url
+        >>> with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"QDETR_OFFLINE": "1"}):
+        ...     try:
+        ...         download_url("https://example.com/weights.pth", cache_dir=tmp)
+        ...     except OfflineModeError as err:
+        ...         print("offline mode is on" in str(err))
+        True
+    """
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -44,6 +56,16 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     Returns:
         ``cache_dir`` if given, else ``$QDETR_CACHE``, else ``~/.cache/qdetr``
         (expanded, not created).
+
+    Examples:
+        >>> import os
+        >>> from unittest import mock
+        >>> from qdetr.zoo import default_cache_dir
+        >>> default_cache_dir("/data/qdetr-cache").as_posix()
+        '/data/qdetr-cache'
+        >>> with mock.patch.dict(os.environ, {"QDETR_CACHE": "/scratch/qdetr"}):
+        ...     default_cache_dir().as_posix()
+        '/scratch/qdetr'
     """
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
@@ -54,7 +76,22 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def is_offline() -> bool:
-    """Whether ``QDETR_OFFLINE`` or ``HF_HUB_OFFLINE`` asks for no network access."""
+    """Whether ``QDETR_OFFLINE`` or ``HF_HUB_OFFLINE`` asks for no network access.
+
+    Returns:
+        True when either variable holds a true value (``1``, ``true``, ``yes``, ``on``).
+
+    Examples:
+        >>> import os
+        >>> from unittest import mock
+        >>> from qdetr.zoo import is_offline
+        >>> with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+        ...     is_offline()
+        True
+        >>> with mock.patch.dict(os.environ, {"QDETR_OFFLINE": "0", "HF_HUB_OFFLINE": "0"}):
+        ...     is_offline()
+        False
+    """
     for var in ("QDETR_OFFLINE", "HF_HUB_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in _TRUE_VALUES:
             return True

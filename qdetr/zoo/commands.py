@@ -87,7 +87,7 @@ def run_zoo_fetch(args: argparse.Namespace) -> int:
 def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``convert`` and ``zoo {list,fetch}`` on an argparse subparsers object.
 
-    Example:
+    Examples:
         >>> parser = argparse.ArgumentParser(prog="qdetr")
         >>> add_zoo_commands(parser.add_subparsers(dest="command", required=True))
         >>> args = parser.parse_args(["zoo", "list"])

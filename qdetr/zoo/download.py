@@ -19,7 +19,7 @@ guarantees:
   a message that says how to download the file by hand;
 * **offline mode** -- with ``QDETR_OFFLINE``/``HF_HUB_OFFLINE`` set, only the cache is used.
 
-Example:
+Examples:
     >>> path = download_url(gdrive_download_url("1K_lZckXWW9_mdSvhXELeWoSyqvFZVJAT"),
     ...                     filename="ckpt_4_bit_smca_detr_coco.pth",
     ...                     subdir="qdetr_smca_r50.w4a4attn8_seed_coco_e50",
@@ -66,15 +66,56 @@ _USER_AGENT = "qdetr-zoo (urllib)"
 
 
 class DownloadError(RuntimeError):
-    """A download failed (network error, truncated transfer, wrong size)."""
+    """A download failed (network error, truncated transfer, wrong size).
+
+    The base class of :class:`ChecksumError` and :class:`HTMLResponseError`.
+
+    Examples:
+        >>> from qdetr.zoo import ChecksumError, DownloadError, HTMLResponseError
+        >>> issubclass(ChecksumError, DownloadError), issubclass(HTMLResponseError, DownloadError)
+        (True, True)
+        >>> try:  # doctest: +SKIP
+        ...     path = download_url("https://example.com/missing.pth")
+        ... except DownloadError as err:
+        ...     print(err)
+        HTTP 404 Not Found for https://example.com/missing.pth.
+    """
 
 
 class ChecksumError(DownloadError):
-    """The downloaded or cached bytes do not have the expected SHA-256."""
+    """The downloaded or cached bytes do not have the expected SHA-256.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from unittest import mock
+        >>> from qdetr.zoo import ChecksumError, download_url
+        >>> from qdetr.zoo.download import cached_file_path
+        >>> with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"QDETR_OFFLINE": "1"}):
+        ...     cached = cached_file_path("weights.pth", subdir="demo", cache_dir=tmp)
+        ...     cached.parent.mkdir(parents=True)
+        ...     _ = cached.write_bytes(b"not the expected bytes")
+        ...     try:
+        ...         download_url("https://example.com/weights.pth", subdir="demo", cache_dir=tmp, sha256="0" * 64)
+        ...     except ChecksumError as err:
+        ...         print("is corrupt" in str(err))
+        True
+    """
 
 
 class HTMLResponseError(DownloadError):
-    """The server answered with an HTML page instead of the requested file."""
+    """The server answered with an HTML page instead of the requested file.
+
+    Nothing is saved; the message says how to download the file by hand.
+
+    Examples:
+        >>> from qdetr.zoo import DownloadError, HTMLResponseError
+        >>> issubclass(HTMLResponseError, DownloadError)
+        True
+        >>> download_url("https://example.com/login-page.pth")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        qdetr.zoo.download.HTMLResponseError: https://example.com/login-page.pth returned an HTML page ...
+    """
 
 
 def gdrive_download_url(file_id: str, *, endpoint: str | None = None) -> str:
@@ -87,6 +128,14 @@ def gdrive_download_url(file_id: str, *, endpoint: str | None = None) -> str:
 
     Returns:
         ``<endpoint>/uc?export=download&id=<ID>``.
+
+    Raises:
+        ValueError: ``file_id`` is empty or holds URL characters (pass only the id).
+
+    Examples:
+        >>> from qdetr.zoo import gdrive_download_url
+        >>> gdrive_download_url("1K_lZckXWW9_mdSvhXELeWoSyqvFZVJAT", endpoint="https://drive.google.com")
+        'https://drive.google.com/uc?export=download&id=1K_lZckXWW9_mdSvhXELeWoSyqvFZVJAT'
     """
     if not file_id or any(c in file_id for c in "/?&=# "):
         raise ValueError(f"not a Google Drive file id: {file_id!r}; pass the <ID> part of .../file/d/<ID>/view")
@@ -151,6 +200,22 @@ def download_url(
         ChecksumError: the SHA-256 does not match (nothing is cached).
         DownloadError: network failure or a transfer that stayed incomplete; the partial
             ``.part`` file is kept so that the next call resumes it.
+
+    Examples:
+        A file already in the cache (here put there by hand) is verified and returned
+        without any network access:
+
+        >>> import tempfile
+        >>> from qdetr.zoo import download_url
+        >>> from qdetr.zoo.download import cached_file_path
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     cached = cached_file_path("weights.pth", subdir="demo", cache_dir=tmp)
+        ...     cached.parent.mkdir(parents=True)
+        ...     _ = cached.write_bytes(b"0123")
+        ...     path = download_url("https://example.com/weights.pth", subdir="demo", cache_dir=tmp)
+        ...     print(path == cached, path.with_name("weights.pth.meta.json").is_file())
+        True True
+        >>> path = download_url("https://example.com/weights.pth")  # doctest: +SKIP
     """
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https"):

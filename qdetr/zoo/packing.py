@@ -14,7 +14,7 @@ This gives the usual containers: 8 codes per byte at 1 bit, four 2-bit codes per
 8-bit code; 3-bit codes pack 8 codes into 3 bytes (code 0 in bits 0-2 of byte 0, code 2
 straddles bytes 0 and 1). Any width 1..8 uses the same rule.
 
-Example:
+Examples:
     >>> codes = torch.tensor([-8, 7, 0, -1], dtype=torch.int8)
     >>> packed = pack_codes(codes, bits=4, qmin=-8)
     >>> packed.tolist()                    # u = [0, 15, 8, 7] -> bytes 0xF0, 0x78
@@ -56,6 +56,14 @@ def pack_codes(codes: torch.Tensor, *, bits: int, qmin: int) -> torch.Tensor:
 
     Raises:
         ValueError: non-integer codes or a code outside the range.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.zoo import pack_codes
+        >>> pack_codes(torch.tensor([1, 2, 3]), bits=2, qmin=0).tolist()  # 1 | 2 << 2 | 3 << 4
+        [57]
+        >>> pack_codes(torch.zeros(3, 5, dtype=torch.int8), bits=3, qmin=-4).shape  # ceil(15 * 3 / 8)
+        torch.Size([6])
     """
     _check_bits(bits)
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
@@ -107,6 +115,14 @@ def unpack_codes(
 
     Raises:
         ValueError: wrong dtype or byte count.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.zoo import pack_codes, unpack_codes
+        >>> codes = torch.tensor([[-4, 3], [0, -1]])
+        >>> packed = pack_codes(codes, bits=3, qmin=-4)
+        >>> unpack_codes(packed, bits=3, qmin=-4, numel=4, shape=(2, 2)).tolist()
+        [[-4, 3], [0, -1]]
     """
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:

@@ -41,7 +41,7 @@ from qdetr.zoo.download import download_url, gdrive_download_url, gdrive_view_ur
 from qdetr.zoo.hub import CONFIG_NAME, WEIGHTS_NAME, load_from_hub, load_pretrained_dir
 from qdetr.zoo.hub import push_to_hub as _push_to_hub
 from qdetr.zoo.hub import save_pretrained as _save_pretrained
-from qdetr.zoo.predict import attach_predict
+from qdetr.zoo.prediction import attach_predict
 from qdetr.zoo.registry import PretrainedEntry, get_pretrained_entry, is_registered
 from qdetr.zoo.release import load_release_checkpoint
 
@@ -67,6 +67,19 @@ def attach_pretrained_methods(model: nn.Module) -> nn.Module:
     """Bind ``save_pretrained``, ``push_to_hub`` and ``predict`` to ``model`` and return it.
 
     Works on any qdetr detector, e.g. one from :func:`qdetr.models.create_model`.
+
+    Args:
+        model: the detector.
+
+    Returns:
+        ``model``, with the three methods bound to this instance.
+
+    Examples:
+        >>> from qdetr.models import create_model
+        >>> from qdetr.zoo import attach_pretrained_methods
+        >>> model = attach_pretrained_methods(create_model("detr_tiny"))
+        >>> all(callable(getattr(model, name)) for name in ("predict", "save_pretrained", "push_to_hub"))
+        True
     """
     model.save_pretrained = types.MethodType(_save_pretrained_method, model)
     model.push_to_hub = types.MethodType(_push_to_hub_method, model)
@@ -191,6 +204,23 @@ def from_pretrained(
             the checkpoint.
         FileNotFoundError: a local path that is missing or not a model.
         qdetr.zoo.OfflineModeError: offline and the files are not cached.
+
+    Examples:
+        A directory written by ``save_pretrained``:
+
+        >>> import tempfile
+        >>> from qdetr.models import create_model
+        >>> from qdetr.zoo import from_pretrained
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = create_model("detr_tiny").save_pretrained(tmp)
+        ...     model = from_pretrained(tmp)
+        >>> model.training, type(model).__name__
+        (False, 'Detr')
+
+        A released checkpoint (downloaded once, then read from the cache):
+
+        >>> model = from_pretrained("qdetr_smca_r50.w4a4attn8_seed_coco_e50")  # doctest: +SKIP
+        >>> model.predict(["street.jpg"], threshold=0.7)  # doctest: +SKIP
     """
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()

@@ -57,6 +57,21 @@ class PretrainedEntry:
         teacher: distillation teacher, if any.
         recipe: link or description of the training recipe.
         description: one line for listings.
+        extra: free-form metadata.
+
+    Raises:
+        ValueError: for a malformed name, an unknown converter, not exactly one source, or
+            a malformed ``sha256``.
+
+    Examples:
+        >>> from qdetr.zoo import PretrainedEntry
+        >>> entry = PretrainedEntry(name="detr_tiny.demo_coco", converter="qdetr", hf_hub_id="my-org/detr-tiny-demo")
+        >>> entry.arch, entry.source
+        ('detr_tiny', 'hf-hub:my-org/detr-tiny-demo')
+        >>> PretrainedEntry(name="Bad Name", converter="qdetr", hf_hub_id="my-org/detr-tiny-demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: zoo name 'Bad Name' must look like '<arch>.<tag>' (lowercase, digits, '_')
     """
 
     name: str
@@ -117,8 +132,23 @@ class PretrainedEntry:
 def register_pretrained(entry: PretrainedEntry) -> PretrainedEntry:
     """Add ``entry`` to the registry.
 
+    Args:
+        entry: the weights' metadata.
+
+    Returns:
+        ``entry``.
+
     Raises:
         ValueError: if the name is already registered.
+
+    Examples:
+        >>> from qdetr.zoo import PretrainedEntry, list_pretrained, register_pretrained
+        >>> from qdetr.zoo.registry import unregister_pretrained
+        >>> entry = PretrainedEntry(name="detr_tiny.demo_coco", converter="qdetr", hf_hub_id="my-org/detr-tiny-demo")
+        >>> _ = register_pretrained(entry)
+        >>> list_pretrained("detr_tiny.*")
+        ['detr_tiny.demo_coco']
+        >>> unregister_pretrained("detr_tiny.demo_coco")
     """
     if entry.name in _REGISTRY:
         raise ValueError(f"pretrained entry {entry.name!r} is already registered; pick another name")
@@ -134,8 +164,20 @@ def unregister_pretrained(name: str) -> None:
 def get_pretrained_entry(name: str) -> PretrainedEntry:
     """The entry called ``name``.
 
+    Args:
+        name: a name from :func:`list_pretrained`.
+
+    Returns:
+        The :class:`PretrainedEntry`.
+
     Raises:
         KeyError: unknown name (the message lists close matches).
+
+    Examples:
+        >>> from qdetr.zoo import get_pretrained_entry
+        >>> entry = get_pretrained_entry("qdetr_smca_r50.w4a4attn8_seed_coco_e50")
+        >>> entry.bits, entry.attn_bits, entry.profile, entry.converter, entry.arch
+        (4, 8, 'seed', 'release', 'qdetr_smca_r50')
     """
     try:
         return _REGISTRY[name]
@@ -154,6 +196,14 @@ def list_pretrained(pattern: str | None = None, *, details: bool = False) -> lis
 
     Returns:
         Sorted names, or their metadata dicts.
+
+    Examples:
+        >>> from qdetr.zoo import list_pretrained
+        >>> list_pretrained("qdetr_smca_r50.*")
+        ['qdetr_smca_r50.w2a2attn8_seed_coco_e50', 'qdetr_smca_r50.w4a4attn8_seed_coco_e50']
+        >>> details = list_pretrained("qdetr_smca_r50.*", details=True)
+        >>> sorted(info["bits"] for info in details)
+        [2, 4]
     """
     names = sorted(n for n in _REGISTRY if pattern is None or fnmatch.fnmatchcase(n, pattern))
     if details:

@@ -50,7 +50,19 @@ _FILE_BITS_RE = re.compile(r"ckpt_(\d+)_bit")
 
 
 class BitWidthError(ValueError):
-    """The bit width of a release checkpoint is missing or contradictory."""
+    """The bit width of a release checkpoint is missing or contradictory.
+
+    A subclass of ``ValueError``.
+
+    Examples:
+        >>> from qdetr.zoo import BitWidthError
+        >>> from qdetr.zoo.release import resolve_release_bits
+        >>> try:
+        ...     resolve_release_bits({"model": {}}, bits=4, filename="ckpt_2_bit_smca_detr_coco.pth")
+        ... except BitWidthError as err:
+        ...     print("contradictory" in str(err))
+        True
+    """
 
 
 def resolve_release_bits(
@@ -253,6 +265,24 @@ def load_release_checkpoint(
         BitWidthError: missing or contradictory bit width.
         UnsafeCheckpointError: the pickle needs a global outside the allow-list.
         ValueError: the file is not in the release layout (the converter says why).
+
+    Examples:
+        A test-sized file in the release layout (``ckpt_4_bit`` in the name gives the width):
+
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from qdetr.models import model_config
+        >>> from qdetr.testing import make_release_state_dict
+        >>> from qdetr.zoo import load_release_checkpoint
+        >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "ckpt_4_bit_tiny.pth"
+        ...     torch.save({"model": state, "epoch": 49}, path)
+        ...     model = load_release_checkpoint(path, model_name="qdetr_smca_tiny")
+        >>> provenance = model.qdetr_pretrained_config["provenance"]
+        >>> model.training, provenance["bits"], provenance["bits_source"], provenance["epoch"]
+        (False, 4, 'file name', 49)
+        >>> model = load_release_checkpoint("ckpt_4_bit_smca_detr_coco.pth")  # doctest: +SKIP
     """
     path = Path(path)
     checkpoint = load_checkpoint_file(path)

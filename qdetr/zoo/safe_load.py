@@ -27,7 +27,23 @@ ALLOWED_CHECKPOINT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint needs a global outside the allow-list; it was not loaded."""
+    """A checkpoint needs a global outside the allow-list; it was not loaded.
+
+    A subclass of ``pickle.UnpicklingError``; the message names the refused global.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from pathlib import Path, PurePosixPath
+        >>> from qdetr.zoo import UnsafeCheckpointError, load_checkpoint_file
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "untrusted.pth"
+        ...     torch.save({"where": PurePosixPath("/data")}, path)
+        ...     try:
+        ...         load_checkpoint_file(path)
+        ...     except UnsafeCheckpointError as err:
+        ...         print("PurePosixPath" in str(err))
+        True
+    """
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
@@ -44,6 +60,18 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         FileNotFoundError: ``path`` does not exist.
         UnsafeCheckpointError: the file references a global that is not allowed (the
             message names it); nothing from the file was executed.
+
+    Examples:
+        >>> import argparse, tempfile, torch
+        >>> from pathlib import Path
+        >>> from qdetr.zoo import load_checkpoint_file
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "ckpt.pth"
+        ...     torch.save({"model": {"weight": torch.zeros(2, 3)}, "args": argparse.Namespace(n_bit=4)}, path)
+        ...     checkpoint = load_checkpoint_file(path)
+        >>> state_dict = checkpoint["model"]
+        >>> sorted(checkpoint), state_dict["weight"].shape, checkpoint["args"].n_bit
+        (['args', 'model'], torch.Size([2, 3]), 4)
     """
     path = Path(path)
     if not path.is_file():

@@ -66,6 +66,20 @@ def predict(
 
     Raises:
         ValueError: empty input or a non-positive ``batch_size``.
+
+    Examples:
+        >>> import torch
+        >>> from qdetr.models import PreprocessingConfig, create_model
+        >>> from qdetr.zoo import predict
+        >>> model = create_model("detr_tiny")
+        >>> image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)
+        >>> config = PreprocessingConfig(shortest_edge=64, longest_edge=128)
+        >>> [detections] = predict(model, image, threshold=0.0, preprocessing=config)
+        >>> sorted(detections), detections["boxes"].shape  # every query scores above 0
+        (['boxes', 'labels', 'scores'], torch.Size([10, 4]))
+        >>> model.training  # restored after prediction
+        True
+        >>> predict(model, ["street.jpg"], threshold=0.7)  # doctest: +SKIP
     """
     from qdetr.models import post_process_object_detection, preprocess_images
 
@@ -97,7 +111,7 @@ def predict(
 
 def _predict_method(self: nn.Module, images: Any, threshold: float = 0.5, **kwargs) -> list[dict[str, torch.Tensor]]:
     """``predict(images, threshold=0.5, *, batch_size=1, preprocessing=None, top_k=None)``; see
-    :func:`qdetr.zoo.predict.predict`."""
+    :func:`qdetr.zoo.prediction.predict`."""
     return predict(self, images, threshold, **kwargs)
 
 

@@ -24,13 +24,26 @@ __all__ = ["calibration", "calibrate"]
 def calibration(model: nn.Module, *, recalibrate: bool = False) -> Iterator[nn.Module]:
     """Context in which the next forward calibrates activation quantizers.
 
+    Every :class:`LSQActQuantizer` of ``model`` initialises its step and zero point from
+    the next tensor it sees (method.md section 3.3), in train or eval mode; the flags are
+    cleared on exit.
+
     Args:
         model: a quantized model.
         recalibrate: also re-initialise quantizers that are already calibrated.
 
-    Example:
-        >>> with calibration(model):          # doctest: +SKIP
-        ...     model(images)
+    Yields:
+        ``model``.
+
+    Examples:
+        >>> from qdetr.quant import quantize_model
+        >>> _ = torch.manual_seed(0)
+        >>> model = quantize_model(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), bits=4).eval()
+        >>> images = torch.randn(32, 16)                  # (B, in_features)
+        >>> with calibration(model), torch.no_grad():
+        ...     _ = model(images)
+        >>> model[2].input_quantizer.is_initialized, model(images).shape
+        (True, torch.Size([32, 4]))
     """
     quantizers = [m for m in model.modules() if isinstance(m, LSQActQuantizer)]
     for q in quantizers:
@@ -57,8 +70,9 @@ def calibrate(
 
     Args:
         model: a quantized model.
-        batches: an iterable of inputs; each is passed to ``forward_fn(model, batch)``
-            (default: ``model(batch)``, or ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
+        batches: an iterable of inputs (e.g. image batches (B, 3, H, W)); each is passed to
+            ``forward_fn(model, batch)`` (default: ``model(batch)``, or ``model(*batch)`` for
+            tuples, ``model(**batch)`` for dicts).
         forward_fn: custom call.
         recalibrate: re-initialise quantizers that are already calibrated.
 
@@ -67,6 +81,15 @@ def calibrate(
 
     Raises:
         ValueError: if ``batches`` is empty.
+
+    Examples:
+        >>> import qdetr
+        >>> _ = torch.manual_seed(0)
+        >>> model = qdetr.quantize_model(qdetr.create_model("detr_tiny"), bits=4).eval()
+        >>> batches = [torch.randn(2, 3, 64, 64)]        # images (B, 3, H, W)
+        >>> model = calibrate(model, batches)
+        >>> model(batches[0])["pred_logits"].shape       # eval works once calibrated
+        torch.Size([2, 10, 6])
     """
     if forward_fn is None:
 

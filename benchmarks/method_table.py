@@ -1,0 +1,198 @@
+"""The Q-DETR ablation in miniature: float, LSQ baseline, +DA, +FQM, +both at 4 and 2 bits.
+
+Per seed, a float teacher is trained on the synthetic shapes set (the demo's settings), then
+each quantized variant is trained from it for the same number of epochs:
+
+==================  ==================================================================
+row                 what it trains
+==================  ==================================================================
+float               the teacher itself
+LSQ baseline        QAT (LSQ weights / LSQ+ activations), detection loss only
++ alignment (DA)    QAT with distribution alignment on the decoder co-attention query
++ matching (FQM)    QAT + DRD distillation with foreground-aware query matching
++ both (Q-DETR)     DA + DRD/FQM
+==================  ==================================================================
+
+The table reports the mean and the spread (sample standard deviation) over seeds of COCO
+AP and AP50 (pycocotools, eval batch size 1) and writes it, with the exact command, to
+``docs/results.md`` (``--write-docs``).
+
+Usage::
+
+    python benchmarks/method_table.py --seeds 0 1 2 --out outputs/method_table --write-docs docs/results.md
+    python benchmarks/method_table.py --coco-mini ../shared/data/coco-mini ...   # real images (optional)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qdetr.demo import DemoConfig, demo_train_config
+from qdetr.engine.trainer import Trainer
+
+__all__ = ["VARIANTS", "main"]
+
+#: (row name, distillation enabled, alignment enabled)
+VARIANTS = (
+    ("LSQ baseline", False, False),
+    ("+ alignment (DA)", False, True),
+    ("+ matching (FQM)", True, False),
+    ("+ both (Q-DETR)", True, True),
+)
+
+
+def _coco_mini_sections(root: Path) -> dict:
+    ann = root / "annotations"
+    return {
+        "dataset": "coco",
+        "train_images": str(root / "train2017"),
+        "train_ann": str(ann / "instances_train2017.json"),
+        "val_images": str(root / "val2017"),
+        "val_ann": str(ann / "instances_val2017.json"),
+        "transforms": {"train_scales": [112, 128, 144], "max_size": 240, "eval_size": 128,
+                       "crop_resize_scales": [128], "crop_size": [96, 128]},
+    }
+
+
+def _run(job: tuple[dict, int]) -> dict:
+    config_dict, threads = job
+    torch.set_num_threads(threads)
+    from qdetr.engine.config import TrainConfig
+
+    result = Trainer(TrainConfig.from_dict(config_dict)).fit()
+    return {"ap": result.eval.ap, "ap50": result.eval.ap50, "seconds": result.train_seconds,
+            "model_path": str(result.model_path), "eval_batch_size": result.eval.eval_batch_size}
+
+
+def _config(demo: DemoConfig, name: str, coco_mini: Path | None, **sections):
+    config = demo_train_config(demo, name, **sections)
+    if coco_mini is not None:
+        data = config.to_dict()["data"]
+        data.update(_coco_mini_sections(coco_mini))
+        config = config.with_overrides({"data": data})
+    return config
+
+
+def _mean_spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * spread:.1f}"
+
+
+def _write_section(path: Path, section: str) -> None:
+    """Replaces the marked method-table section of ``path`` (or appends it / creates the file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.is_file() else "# Results\n\n"
+    start, end = "<!-- method-table:start -->", "<!-- method-table:end -->"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--teacher-epochs", type=int, default=DemoConfig().teacher_epochs)
+    parser.add_argument("--qat-epochs", type=int, default=DemoConfig().qat_epochs)
+    parser.add_argument("--train-images", type=int, default=DemoConfig().train_images)
+    parser.add_argument("--distill-weight", type=float, default=DemoConfig().distill_weight)
+    parser.add_argument("--coco-mini", type=Path, default=None, help="use this coco-mini folder instead of the synthetic set")
+    parser.add_argument("--shared-teacher", action="store_true",
+                        help="train one float teacher (first seed) and vary only the quantized runs' seeds")
+    parser.add_argument("--processes", type=int, default=2, help="quantized runs trained in parallel (1 thread each)")
+    parser.add_argument("--out", default="outputs/method_table")
+    parser.add_argument("--write-docs", default=None, help="write the markdown table here (e.g. docs/results.md)")
+    args = parser.parse_args(argv)
+    if args.coco_mini is not None and not args.coco_mini.is_dir():
+        parser.error(f"--coco-mini {args.coco_mini} does not exist")
+
+    start = time.time()
+    rows: dict[tuple[str, int | None], list[dict]] = {}
+    teacher = None
+    for seed in args.seeds:
+        demo = dataclasses.replace(
+            DemoConfig(), out_dir=str(Path(args.out) / f"seed{seed}"), seed=seed,
+            teacher_epochs=args.teacher_epochs, qat_epochs=args.qat_epochs, train_images=args.train_images,
+            distill_weight=args.distill_weight,
+        )
+        teacher_cfg = _config(
+            demo, "float", args.coco_mini, epochs=demo.teacher_epochs,
+            optim={"lr": demo.teacher_lr, "lr_backbone": demo.teacher_lr, "lr_drop": max(1, int(demo.teacher_epochs * 0.8))},
+        )
+        if teacher is None or not args.shared_teacher:
+            teacher = _run((teacher_cfg.to_dict(), 1))
+            print(f"seed {seed}: float AP {100 * teacher['ap']:.1f} ({teacher['seconds']:.0f} s)", flush=True)
+            rows.setdefault(("float", None), []).append(teacher)
+        jobs, keys = [], []
+        for bits in args.bits:
+            for name, distill, align in VARIANTS:
+                run_name = f"w{bits}_" + name.strip("+ ").split(" ")[0].lower()
+                cfg = _config(
+                    demo, run_name, args.coco_mini, epochs=demo.qat_epochs,
+                    optim={"lr": demo.qat_lr, "lr_backbone": demo.qat_lr},
+                    quant={"bits": bits, "float_checkpoint": teacher["model_path"]},
+                    distill={"enabled": distill, "alignment": align, "weight": demo.distill_weight},
+                )
+                jobs.append((cfg.to_dict(), 1))
+                keys.append((name, bits))
+        with mp.get_context("spawn").Pool(args.processes) as pool:
+            results = pool.map(_run, jobs)
+        for key, result in zip(keys, results):
+            rows.setdefault(key, []).append(result)
+            print(f"seed {seed}: {key[1]}-bit {key[0]}: AP {100 * result['ap']:.1f}", flush=True)
+
+    dataset = f"coco-mini ({args.coco_mini})" if args.coco_mini else "synthetic shapes"
+    lines = [
+        f"| method | bits (W/A/attn) | AP (mean ± sd) | AP50 (mean ± sd) | seeds |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for (name, bits), results in rows.items():
+        lines.append(
+            f"| {name} | {'32/32/32' if bits is None else f'{bits}/{bits}/8'} | "
+            f"{_mean_spread([r['ap'] for r in results])} | {_mean_spread([r['ap50'] for r in results])} | {len(results)} |"
+        )
+    table = "\n".join(lines)
+    elapsed = time.time() - start
+    command = "python benchmarks/method_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(table)
+    print(f"{elapsed:.0f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "method_table.json").write_text(json.dumps(
+        {"command": command, "seconds": elapsed, "rows": [{"method": k[0], "bits": k[1], "runs": v} for k, v in rows.items()]},
+        indent=2))
+    if args.write_docs:
+        demo = DemoConfig()
+        Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)
+        section = (
+            "<!-- method-table:start -->\n"
+            f"## Q-DETR ablation in miniature ({dataset})\n\n"
+            f"{table}\n\n"
+            f"COCO box AP in percent (pycocotools, IoU .50:.95, eval batch size 1) on the validation split; "
+            f"mean ± sample standard deviation over seeds {args.seeds}"
+            + (" (one float teacher, seed {}, shared by all quantized runs)".format(args.seeds[0]) if args.shared_teacher else "")
+            + f". Model `{demo.model}` ({demo.model_overrides}) at {demo.image_size} px, float teacher trained for "
+            f"{args.teacher_epochs} epochs on {args.train_images} images, every quantized run trained "
+            f"{args.qat_epochs} epochs from it (lr {demo.qat_lr}, distillation weight {args.distill_weight}, tau 0.5). "
+            f"Wall time {elapsed / 60:.0f} min on 2 CPU cores.\n\n"
+            f"Command:\n\n```\n{command}\n```\n"
+            "<!-- method-table:end -->"
+        )
+        _write_section(Path(args.write_docs), section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

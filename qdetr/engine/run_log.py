@@ -1,0 +1,82 @@
+"""JSON-lines training logs and loss/AP curves (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+__all__ = ["RunLog", "plot_curves"]
+
+
+class RunLog:
+    """Appends one JSON object per line to ``<output_dir>/log.jsonl``.
+
+    Records carry a ``"kind"``: ``"train"`` (step losses), ``"eval"`` (COCO stats) or
+    ``"event"`` (start, resume, stage change). Only the main process should write.
+
+    Args:
+        path: the log file (created with its folder; appended to on resume).
+        enabled: False makes every method a no-op (non-main ranks).
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, **fields) -> None:
+        """Appends ``{"kind": kind, **fields}`` (non-finite floats become null)."""
+        if not self.enabled:
+            return
+        record = {"kind": kind}
+        for key, value in fields.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None
+            record[key] = value
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        """All records written so far."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
+    """Draws the training loss per step and the AP / AP50 per epoch of a ``log.jsonl``.
+
+    Returns:
+        ``png_path``, or None when the log has no training records.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    records = RunLog(log_path, enabled=False).read()
+    train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    axes[0].set_yscale("log")
+    axes[0].grid(alpha=0.3)
+    if evals:
+        axes[1].plot([r["epoch"] for r in evals], [r["AP"] for r in evals], "o-", label="AP")
+        axes[1].plot([r["epoch"] for r in evals], [r["AP50"] for r in evals], "s-", label="AP50")
+        axes[1].legend()
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("COCO AP")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
