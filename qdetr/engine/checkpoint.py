@@ -150,7 +150,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         Traceback (most recent call last):
         ...
         ValueError: ... is not a qdetr training checkpoint (no 'model' entry)
-        >>> state["epoch"], state["model"]["w"].shape
+        >>> weights = state["model"]
+        >>> state["epoch"], weights["w"].shape
         (3, torch.Size([2]))
     """
     path = Path(path)

@@ -85,10 +85,10 @@ def apply_quantization(model: nn.Module, quant: dict | Any | None, alignment: bo
         >>> from qdetr.engine.model_files import apply_quantization, build_model
         >>> from qdetr.quant import QuantConfig
         >>> model = apply_quantization(build_model("detr_tiny", 5), QuantConfig(bits=4), alignment=False)
-        >>> any(name.endswith("weight_quantizer") for name, _ in model.named_modules())
+        >>> any(key.endswith("weight_quantizer.scale") for key in model.state_dict())
         True
         >>> float_model = apply_quantization(build_model("detr_tiny", 5), None, alignment=False)
-        >>> any(name.endswith("_quantizer") for name, _ in float_model.named_modules())
+        >>> any(key.endswith("_quantizer.scale") for key in float_model.state_dict())
         False
     """
     if quant is not None:
@@ -273,17 +273,19 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
         >>> import tempfile
         >>> from pathlib import Path
         >>> from qdetr.engine import load_model_file, save_model_file
-        >>> from qdetr.engine.model_files import build_model
+        >>> from qdetr.engine.model_files import apply_quantization, build_model
         >>> from qdetr.quant import QuantConfig
         >>> quant = QuantConfig(bits=4).to_dict()
+        >>> model_4bit = apply_quantization(build_model("detr_tiny", 5), quant, alignment=False)
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = save_model_file(
-        ...         Path(tmp) / "model_final.pt", build_model("detr_tiny", 5), model_name="detr_tiny",
-        ...         model_config={}, num_classes=5, quant=None, alignment=False, categories={},
+        ...         Path(tmp) / "model_final.pt", model_4bit, model_name="detr_tiny",
+        ...         model_config={}, num_classes=5, quant=quant, alignment=False, categories={},
         ...     )
-        ...     model, meta = load_model_file(path)
-        >>> model.training, meta["num_classes"], meta["quant"] is None, "model" in meta
-        (False, 5, True, False)
+        ...     model, meta = load_model_file(path)  # rebuilt quantized, loaded with strict=True
+        >>> quant_dict = meta["quant"]
+        >>> model.training, meta["num_classes"], quant_dict["bits"], "model" in meta
+        (False, 5, 4, False)
         >>> load_model_file("missing.pt")
         Traceback (most recent call last):
         ...

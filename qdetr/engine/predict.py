@@ -35,6 +35,14 @@ class LoadedModel:
         eval_size: short side the model expects.
         max_size: cap on the long side (None = no cap).
         mean, std: normalisation.
+
+    Examples:
+        >>> import qdetr
+        >>> from qdetr.engine.predict import LoadedModel
+        >>> model = qdetr.create_model("detr_tiny").eval()
+        >>> loaded = LoadedModel(model=model, categories={1: "rectangle"}, eval_size=64)
+        >>> loaded.max_size, loaded.mean
+        (1333, (0.485, 0.456, 0.406))
     """
 
     model: nn.Module
@@ -48,8 +56,31 @@ class LoadedModel:
 def load_model_for_inference(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Loads a trainer model file, a run folder or a ``save_pretrained`` folder.
 
+    Args:
+        path: ``model_final.pt``, a run folder holding one, or a ``save_pretrained`` folder.
+        map_location: device the model is loaded to.
+
+    Returns:
+        The model in eval mode with its categories and preprocessing sizes.
+
     Raises:
         FileNotFoundError: when nothing loadable is at ``path`` (the message lists what was tried).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from qdetr.engine import save_model_file
+        >>> from qdetr.engine.model_files import build_model
+        >>> from qdetr.engine.predict import load_model_for_inference
+        >>> with tempfile.TemporaryDirectory() as run_dir:
+        ...     _ = save_model_file(
+        ...         Path(run_dir) / "model_final.pt", build_model("detr_tiny", 5), model_name="detr_tiny",
+        ...         model_config={}, num_classes=5, quant=None, alignment=False, categories={1: "rectangle"},
+        ...         preprocessing={"eval_size": 64, "max_size": None},
+        ...     )
+        ...     loaded = load_model_for_inference(run_dir)  # the run folder is enough
+        >>> loaded.eval_size, loaded.max_size, loaded.categories, loaded.model.training
+        (64, None, {1: 'rectangle'}, False)
     """
     from qdetr.engine.model_files import load_model_file
 
@@ -120,6 +151,25 @@ def predict_images(
 
     Raises:
         FileNotFoundError: for a missing image file (named in the message).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import qdetr
+        >>> from qdetr.data import SyntheticShapesConfig, render_synthetic_sample
+        >>> from qdetr.engine.predict import LoadedModel, predict_images
+        >>> loaded = LoadedModel(model=qdetr.create_model("detr_tiny"), categories={1: "rectangle"}, eval_size=64)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     image_path = Path(tmp) / "shapes.png"
+        ...     render_synthetic_sample(0, SyntheticShapesConfig(image_size=64)).image.save(image_path)
+        ...     records = predict_images(loaded, [image_path], Path(tmp) / "out", threshold=0.0)
+        ...     written = sorted(p.name for p in (Path(tmp) / "out").iterdir())
+        >>> written
+        ['predictions.json', 'shapes.png']
+        >>> record = records[0]
+        >>> detections = record["detections"]
+        >>> len(detections) > 0, sorted(detections[0])
+        (True, ['box_xyxy', 'category_id', 'label', 'score'])
     """
     from qdetr.models import post_process_object_detection
 

@@ -18,6 +18,20 @@ class RunLog:
     Args:
         path: the log file (created with its folder; appended to on resume).
         enabled: False makes every method a no-op (non-main ranks).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from qdetr.engine.run_log import RunLog
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     log = RunLog(Path(tmp) / "log.jsonl")
+        ...     log.write("train", step=1, loss=2.5)
+        ...     log.write("eval", epoch=1, AP=float("nan"))
+        ...     records = log.read()
+        >>> records
+        [{'kind': 'train', 'step': 1, 'loss': 2.5}, {'kind': 'eval', 'epoch': 1, 'AP': None}]
+        >>> RunLog(Path("unused") / "log.jsonl", enabled=False).read()
+        []
     """
 
     def __init__(self, path: str | Path, enabled: bool = True) -> None:
@@ -48,8 +62,25 @@ class RunLog:
 def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Draws the training loss per step and the AP / AP50 per epoch of a ``log.jsonl``.
 
+    Args:
+        log_path: a ``log.jsonl`` written by :class:`RunLog`.
+        png_path: the image to write (its folder is created).
+
     Returns:
         ``png_path``, or None when the log has no training records.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from qdetr.engine.run_log import RunLog, plot_curves
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     log = RunLog(Path(tmp) / "log.jsonl")
+        ...     for step in range(1, 4):
+        ...         log.write("train", epoch=0, step=step, loss=1.0 / step)
+        ...     log.write("eval", epoch=1, AP=0.1, AP50=0.3)
+        ...     png = plot_curves(log.path, Path(tmp) / "curves.png")
+        ...     print(png.name, png.stat().st_size > 0)
+        curves.png True
     """
     import matplotlib
 

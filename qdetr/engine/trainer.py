@@ -77,6 +77,14 @@ class TrainResult:
         eval: final COCO evaluation (None when skipped).
         train_seconds: wall time of this invocation.
         losses: the last logged loss values.
+
+    Examples:
+        >>> from pathlib import Path
+        >>> from qdetr.engine import TrainResult
+        >>> result = TrainResult(output_dir=Path("runs/fp"), model_path=Path("runs/fp/model_final.pt"),
+        ...                      global_step=100, epochs_done=1)
+        >>> result.eval is None, result.losses
+        (True, {})
     """
 
     output_dir: Path
@@ -114,6 +122,24 @@ def build_datasets(
 
     The synthetic set is written once by rank 0 to ``data.synthetic_root`` (default
     ``<output_dir>/data``) and reused when already there.
+
+    Args:
+        config: the run (only ``data`` and ``output_dir`` are used).
+        ctx: the distributed context (None: a single process).
+
+    Returns:
+        ``(train, val)`` datasets with the train and eval transforms; items are
+        ``(image (3, H, W) float32, target)`` with ``target["boxes"]`` (N, 4) normalised cxcywh.
+
+    Examples:
+        >>> import tempfile
+        >>> from qdetr.engine import TrainConfig, build_datasets
+        >>> data = {"synthetic_train_images": 2, "synthetic_val_images": 1, "synthetic": {"image_size": 64}}
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     train_ds, val_ds = build_datasets(TrainConfig(output_dir=tmp, data=data))
+        ...     image, target = val_ds[0]
+        >>> len(train_ds), len(val_ds), image.shape[0], target["boxes"].shape[-1]
+        (2, 1, 3, 4)
     """
     data = config.data
     if data.dataset == "synthetic":
@@ -145,10 +171,28 @@ class Trainer:
     Args:
         config: the run.
 
-    Example:
+    Examples:
         >>> cfg = TrainConfig(output_dir="runs/fp", epochs=20)      # doctest: +SKIP
         >>> result = Trainer(cfg).fit()                             # doctest: +SKIP
         >>> result.eval.ap                                          # doctest: +SKIP
+
+        A one-step run of a tiny model on 64 px synthetic images:
+
+        >>> import tempfile
+        >>> from qdetr.engine import TrainConfig, Trainer
+        >>> tiny = {
+        ...     "device": "cpu", "progress": False, "max_steps": 1,
+        ...     "data": {"synthetic_train_images": 2, "synthetic_val_images": 2, "synthetic": {"image_size": 64},
+        ...              "transforms": {"train_scales": [64], "max_size": 100, "eval_size": 64, "random_crop": False}},
+        ...     "model": {"name": "detr_tiny", "overrides": {"hidden_dim": 32, "dim_feedforward": 64}},
+        ... }
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     result = Trainer(TrainConfig.from_dict({**tiny, "output_dir": tmp})).fit()
+        ...     files = sorted(p.name for p in result.output_dir.iterdir())
+        >>> result.global_step, result.model_path.name, len(result.eval.stats)
+        (1, 'model_final.pt', 12)
+        >>> {"checkpoint.pt", "config.json", "log.jsonl", "model_final.pt"} <= set(files)
+        True
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -326,7 +370,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, epoch: int) -> CocoEvalResult:
-        """COCO evaluation of the current model on the validation set (all ranks take part)."""
+        """COCO evaluation of the current model on the validation set (all ranks take part).
+
+        Needs the state set up by :meth:`fit` (model, datasets, distributed context, log).
+
+        Args:
+            epoch: epoch number recorded in the log.
+
+        Returns:
+            The COCO result; detections are written to ``<output_dir>/detections_val.json``.
+
+        Examples:
+            >>> trainer.evaluate(epoch=20).ap  # after trainer.fit()  # doctest: +SKIP
+        """
         sampler = ResumableDistributedSampler(
             len(self.val_ds), num_replicas=self.ctx.world_size, rank=self.ctx.rank, shuffle=False, pad=False
         )
@@ -357,7 +413,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> TrainResult:
-        """Trains (resuming from ``<output_dir>/checkpoint.pt`` when present) and evaluates."""
+        """Trains (resuming from ``<output_dir>/checkpoint.pt`` when present) and evaluates.
+
+        Returns:
+            Steps and epochs done, the final model file and the final COCO evaluation.
+
+        Examples:
+            >>> result = Trainer(TrainConfig(output_dir="runs/fp", epochs=50)).fit()  # doctest: +SKIP
+            >>> result.model_path  # doctest: +SKIP
+            PosixPath('runs/fp/model_final.pt')
+        """
         cfg = self.config
         t0 = time.time()
         self.ctx = init_distributed(cfg.device)
@@ -529,5 +594,26 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Shorthand for ``Trainer(config).fit()``."""
+    """Shorthand for ``Trainer(config).fit()``.
+
+    Args:
+        config: the run.
+
+    Returns:
+        What the run produced (see :class:`TrainResult`).
+
+    Examples:
+        >>> import tempfile
+        >>> from qdetr.engine import TrainConfig, train
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     config = TrainConfig(
+        ...         output_dir=tmp, device="cpu", progress=False, max_steps=1, final_eval=False,
+        ...         data={"synthetic_train_images": 2, "synthetic_val_images": 1, "synthetic": {"image_size": 64},
+        ...               "transforms": {"train_scales": [64], "max_size": 100, "eval_size": 64, "random_crop": False}},
+        ...         model={"name": "detr_tiny", "overrides": {"hidden_dim": 32, "dim_feedforward": 64}},
+        ...     )
+        ...     result = train(config)
+        >>> result.global_step, result.eval is None, "loss" in result.losses
+        (1, True, True)
+    """
     return Trainer(config).fit()
