@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     rows: dict[tuple[str, int | None], list[dict]] = {}
     teacher = None
+    teacher_data = None
     for seed in args.seeds:
         demo = dataclasses.replace(
             DemoConfig(), out_dir=str(Path(args.out) / f"seed{seed}"), seed=seed,
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             optim={"lr": demo.teacher_lr, "lr_backbone": demo.teacher_lr, "lr_drop": max(1, int(demo.teacher_epochs * 0.8))},
         )
         if teacher is None or not args.shared_teacher:
+            teacher_data = {k: teacher_cfg.to_dict()["data"][k] for k in ("synthetic_seed", "synthetic_root")}
             teacher = _run((teacher_cfg.to_dict(), 1))
             print(f"seed {seed}: float AP {100 * teacher['ap']:.1f} ({teacher['seconds']:.0f} s)", flush=True)
             rows.setdefault(("float", None), []).append(teacher)
@@ -145,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                     quant={"bits": bits, "float_checkpoint": teacher["model_path"]},
                     distill={"enabled": distill, "alignment": align, "weight": demo.distill_weight},
                 )
+                if args.shared_teacher and teacher_data is not None:
+                    # Only the quantized runs' seed varies: keep the teacher's data set.
+                    data = cfg.to_dict()["data"]
+                    data.update(teacher_data)
+                    cfg = cfg.with_overrides({"data": data})
                 jobs.append((cfg.to_dict(), 1))
                 keys.append((name, bits))
         with mp.get_context("spawn").Pool(args.processes) as pool:

@@ -61,7 +61,8 @@ class DistillationLoss(nn.Module):
     """Q-DETR distribution rectification distillation (DRD) with foreground-aware query matching.
 
     Args:
-        tau: foreground threshold (Eq. 2.34), default 0.5.
+        tau: foreground threshold (Eq. 2.34), default 0.5. The test is strict (GIoU > tau * G_i),
+            so tau = 0 keeps the queries with a positive GIoU to some ground truth, not all queries.
         weight: lambda (Eq. 2.38); the returned ``loss_drd`` is already multiplied by it.
         mu_giou: GIoU weight of the teacher matching score (Eq. 2.35), default 2.
         mu_l1: L1 weight of the teacher matching score, default 5.

@@ -225,6 +225,11 @@ class DistillConfig:
         teacher_model: architecture of the teacher (default: the student's).
         tau: foreground selection threshold (FQM).
         weight: lambda, the weight of the DRD term.
+        layers: decoder layers distilled (-1 = last), see :class:`qdetr.DistillationLoss`.
+        feature: ``"attn_values"`` (the paper's pre-projection co-attended features) or
+            ``"proj_out"`` (after the output projection, the released code's choice).
+        one_to_one: Hungarian pairing of student and teacher queries instead of argmax.
+        qfd_weight: weight of the released code's feature-MSE term (not in the paper; 0 = off).
 
     Examples:
         >>> from qdetr.engine import DistillConfig
@@ -244,8 +249,17 @@ class DistillConfig:
     teacher_model: ModelConfig | None = None
     tau: float = 0.5
     weight: float = 1.0
+    layers: tuple[int, ...] = (-1,)
+    feature: Literal["attn_values", "proj_out"] = "attn_values"
+    one_to_one: bool = False
+    qfd_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.feature not in ("attn_values", "proj_out"):
+            _fail(f"distill.feature must be 'attn_values' or 'proj_out'; got {self.feature!r}")
+        if self.qfd_weight < 0:
+            _fail(f"distill.qfd_weight must be >= 0; got {self.qfd_weight}")
         if isinstance(self.teacher_model, dict):
             object.__setattr__(self, "teacher_model", ModelConfig(**self.teacher_model))
         if not 0.0 <= self.tau <= 1.0:

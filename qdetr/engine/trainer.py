@@ -464,7 +464,15 @@ class Trainer:
         if cfg.distill.enabled:
             from qdetr.distill import DistillationLoss
 
-            self.distill_loss = DistillationLoss(tau=cfg.distill.tau, weight=cfg.distill.weight)
+            d = cfg.distill
+            self.distill_loss = DistillationLoss(
+                tau=d.tau,
+                weight=d.weight,
+                layers=d.layers,
+                feature=d.feature,
+                one_to_one=d.one_to_one,
+                qfd_weight=d.qfd_weight,
+            )
         if resume_state is not None:
             load_state_dict_checked(self.model, resume_state["model"], source=str(checkpoint_path))
         elif cfg.quant.bits is not None:

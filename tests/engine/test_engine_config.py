@@ -35,3 +35,18 @@ def test_invalid_configs_say_how_to_fix(data, match):
 def test_override_syntax_error():
     with pytest.raises(ValueError, match="section.key=value"):
         TrainConfig().with_overrides(["optim.lr"])
+
+
+def test_distill_options_reach_the_loss_config():
+    from qdetr.engine import DistillConfig, TrainConfig
+
+    cfg = TrainConfig.from_dict(
+        {
+            "quant": {"bits": 2, "float_checkpoint": "teacher.pt"},
+            "distill": {"enabled": True, "layers": [0, -1], "feature": "proj_out", "one_to_one": True, "qfd_weight": 0.5},
+        }
+    )
+    assert cfg.distill.layers == (0, -1) and cfg.distill.feature == "proj_out"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="distill.feature"):
+        DistillConfig(feature="values")
