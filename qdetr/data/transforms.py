@@ -24,6 +24,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from qdetr.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -32,9 +34,6 @@ __all__ = [
     "make_train_transforms",
     "make_eval_transforms",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: DETR's multi-scale short sides: 480..800 in steps of 32.
 DETR_TRAIN_SCALES = tuple(range(480, 801, 32))

@@ -11,14 +11,14 @@ with ``torch.load(..., weights_only=True)``: every entry is a tensor or plain Py
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from qdetr.atomic_write import atomic_path
 
 __all__ = ["save_checkpoint_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
@@ -108,18 +108,8 @@ def save_checkpoint_atomic(state: dict[str, Any], path: str | Path) -> Path:
         ('checkpoint.pt', ['checkpoint.pt'])
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
     return path
 
 

@@ -21,6 +21,16 @@ def padding_mask_from_pixel_mask(pixel_values: torch.Tensor, pixel_mask: torch.T
     Raises:
         TypeError: if the inputs are not tensors or pixel_values is not floating point.
         ValueError: on an empty batch, a wrong channel count or a mask of the wrong shape.
+
+    Examples:
+        >>> from qdetr.models.inputs import padding_mask_from_pixel_mask
+        >>> pixel_values = torch.zeros(1, 3, 2, 3)
+        >>> pixel_mask = torch.tensor([[[1, 1, 0], [1, 1, 0]]])
+        >>> padding_mask_from_pixel_mask(pixel_values, pixel_mask)
+        tensor([[[False, False,  True],
+                 [False, False,  True]]])
+        >>> padding_mask_from_pixel_mask(pixel_values, None).any().item()
+        False
     """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(
@@ -65,6 +75,15 @@ def image_sizes_wh_from_pixel_mask(padding_mask: torch.Tensor) -> torch.Tensor:
 
     Returns:
         (B, 2) int64: number of columns and rows that contain a real pixel.
+
+    Examples:
+        >>> from qdetr.models.inputs import image_sizes_wh_from_pixel_mask
+        >>> padding_mask = torch.ones(2, 4, 5, dtype=torch.bool)
+        >>> padding_mask[0, :3, :4] = False     # a 4 x 3 (w x h) image
+        >>> padding_mask[1, :, :] = False       # an unpadded 5 x 4 image
+        >>> image_sizes_wh_from_pixel_mask(padding_mask)
+        tensor([[4, 3],
+                [5, 4]])
     """
     real = ~padding_mask
     width = real.any(dim=1).sum(dim=-1)  # (B,)

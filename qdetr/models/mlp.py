@@ -20,6 +20,15 @@ class MLP(nn.Module):
 
     Shapes:
         (..., input_dim) -> (..., output_dim).
+
+    Examples:
+        >>> from qdetr.models.mlp import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> head = MLP(input_dim=16, hidden_dim=32, output_dim=4, num_layers=3)
+        >>> len(head.layers), head.layers[0].out_features, head.layers[2].out_features
+        (3, 32, 4)
+        >>> head(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 4])
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:

@@ -29,6 +29,17 @@ class PositionEmbeddingSine(nn.Module):
     Shapes:
         padding_mask: (B, H, W) bool, True on padded positions.
         output: (B, 2 * num_pos_feats, H, W), float32.
+
+    Examples:
+        >>> from qdetr.models.position_encoding import PositionEmbeddingSine
+        >>> encoding = PositionEmbeddingSine(num_pos_feats=8)
+        >>> padding_mask = torch.zeros(2, 4, 6, dtype=torch.bool)
+        >>> padding_mask[1, :, 3:] = True       # the second image is padded on the right
+        >>> pos = encoding(padding_mask)
+        >>> pos.shape, pos.dtype
+        (torch.Size([2, 16, 4, 6]), torch.float32)
+        >>> len(list(encoding.parameters()))    # parameter-free
+        0
     """
 
     def __init__(

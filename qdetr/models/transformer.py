@@ -28,7 +28,17 @@ __all__ = [
 
 
 def reset_transformer_parameters(module: nn.Module) -> None:
-    """Xavier-uniform init of every parameter with more than one dimension (DETR's reset)."""
+    """Xavier-uniform init of every parameter with more than one dimension (DETR's reset).
+
+    Examples:
+        >>> from qdetr.models.transformer import reset_transformer_parameters
+        >>> _ = torch.manual_seed(0)
+        >>> layer = nn.Linear(4, 4)
+        >>> _ = nn.init.zeros_(layer.weight)
+        >>> reset_transformer_parameters(layer)
+        >>> bool(layer.weight.detach().abs().sum() > 0), bool(layer.bias.detach().abs().sum() > 0)
+        (True, True)
+    """
     for p in module.parameters():
         if p.dim() > 1:
             nn.init.xavier_uniform_(p)
@@ -52,6 +62,15 @@ class TransformerEncoderLayer(nn.Module):
 
     Shapes:
         src, pos: (S, B, d); src_key_padding_mask: (B, S) bool, True on padding.
+
+    Examples:
+        >>> from qdetr.models.transformer import TransformerEncoderLayer
+        >>> _ = torch.manual_seed(0)
+        >>> layer = TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0)
+        >>> src, pos = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+        >>> mask = torch.zeros(2, 6, dtype=torch.bool)
+        >>> layer(src, src_key_padding_mask=mask, pos=pos).shape
+        torch.Size([6, 2, 16])
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1) -> None:
@@ -84,6 +103,15 @@ class TransformerEncoder(nn.Module):
 
     Shapes:
         src, pos: (S, B, d); src_key_padding_mask: (B, S). Output (S, B, d).
+
+    Examples:
+        >>> from qdetr.models.transformer import TransformerEncoder
+        >>> _ = torch.manual_seed(0)
+        >>> encoder = TransformerEncoder(num_layers=2, d_model=16, nhead=2, dim_feedforward=32, dropout=0.0)
+        >>> len(encoder.layers)
+        2
+        >>> encoder(torch.randn(6, 2, 16), pos=torch.randn(6, 2, 16)).shape
+        torch.Size([6, 2, 16])
     """
 
     def __init__(self, num_layers: int, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
@@ -117,6 +145,16 @@ class TransformerDecoderLayer(nn.Module):
         tgt, query_pos: (Q, B, d); memory, pos: (S, B, d); memory_key_padding_mask: (B, S).
         Returns ``(tgt, co_attn_values)``, both (Q, B, d); ``co_attn_values`` is the
         cross-attention ``Â·V̂`` before ``out_proj``.
+
+    Examples:
+        >>> from qdetr.models.transformer import TransformerDecoderLayer
+        >>> _ = torch.manual_seed(0)
+        >>> layer = TransformerDecoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0)
+        >>> tgt, query_pos = torch.zeros(3, 2, 16), torch.randn(3, 2, 16)
+        >>> memory, pos = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+        >>> out, values = layer(tgt, memory, pos=pos, query_pos=query_pos)
+        >>> out.shape, values.shape
+        (torch.Size([3, 2, 16]), torch.Size([3, 2, 16]))
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1) -> None:
@@ -170,6 +208,15 @@ class TransformerDecoder(nn.Module):
     Shapes:
         Returns ``(hidden_states, co_attn_values)``, each (L_dec, Q, B, d); hidden states are
         normalised by ``norm`` at every layer (heads and auxiliary losses read them).
+
+    Examples:
+        >>> from qdetr.models.transformer import TransformerDecoder
+        >>> _ = torch.manual_seed(0)
+        >>> decoder = TransformerDecoder(num_layers=2, d_model=16, nhead=2, dim_feedforward=32, dropout=0.0)
+        >>> tgt, memory = torch.zeros(3, 2, 16), torch.randn(6, 2, 16)
+        >>> hidden, values = decoder(tgt, memory, query_pos=torch.randn(3, 2, 16))
+        >>> hidden.shape, values.shape
+        (torch.Size([2, 3, 2, 16]), torch.Size([2, 3, 2, 16]))
     """
 
     def __init__(self, num_layers: int, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
@@ -212,6 +259,17 @@ class Transformer(nn.Module):
         queries (zeros when None).
         Returns ``(hidden_states, co_attn_values, memory)``: (L_dec, B, Q, d) twice and
         (S, B, d).
+
+    Examples:
+        >>> from qdetr.models.transformer import Transformer
+        >>> _ = torch.manual_seed(0)
+        >>> transformer = Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2,
+        ...                           dim_feedforward=32, dropout=0.0)
+        >>> src, pos = torch.randn(1, 16, 4, 5), torch.randn(1, 16, 4, 5)
+        >>> padding_mask = torch.zeros(1, 4, 5, dtype=torch.bool)
+        >>> hidden, values, memory = transformer(src, padding_mask, torch.randn(3, 16), pos)
+        >>> hidden.shape, values.shape, memory.shape
+        (torch.Size([2, 1, 3, 16]), torch.Size([2, 1, 3, 16]), torch.Size([20, 1, 16]))
     """
 
     def __init__(

@@ -5,6 +5,14 @@ Released Q-DETR SMCA-DETR-R50 checkpoints (Hzbupahaozi/Q-DETR README; see
 verified download is recorded in the cache metadata and enforced from then on. No float
 SMCA teacher was released; float teachers and our own trained models are added here as
 ``converter="qdetr"`` entries with an ``hf_hub_id`` once they are published.
+
+Examples:
+    >>> from qdetr.zoo.entries import QDETR_RELEASE_ENTRIES
+    >>> [(entry.bits, entry.attn_bits, entry.box_ap) for entry in QDETR_RELEASE_ENTRIES]
+    [(4, 8, 38.5), (2, 8, 32.4)]
+    >>> from qdetr.zoo import list_pretrained
+    >>> all(entry.name in list_pretrained() for entry in QDETR_RELEASE_ENTRIES)
+    True
 """
 
 from __future__ import annotations

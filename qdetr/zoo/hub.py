@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdetr.atomic_write import atomic_path
 from qdetr.zoo.cache import write_json_atomic
 from qdetr.zoo.labels import default_id2label
 from qdetr.zoo.model_card import render_model_card
@@ -171,17 +172,6 @@ def build_model_from_config(config: dict[str, Any]) -> nn.Module:
     return model.to(dtype)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -220,17 +210,12 @@ def save_pretrained(
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model_config_dict(model, id2label=id2label, provenance=provenance, metrics=metrics, name=name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_packed_state(model, tmp, extra_metadata={"qdetr_version": config["qdetr_version"]})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if model_card:
-        _write_text_atomic(directory / MODEL_CARD_NAME,
-                           render_model_card(model, config, repo_id=repo_id, base_model=base_model))
+        card = render_model_card(model, config, repo_id=repo_id, base_model=base_model)
+        with atomic_path(directory / MODEL_CARD_NAME) as tmp:
+            tmp.write_text(card, encoding="utf-8")
     write_json_atomic(directory / CONFIG_NAME, config)
     return directory
 

@@ -3,6 +3,11 @@
 COCO detectors (DETR and its descendants) predict over the 91-id space of the original
 COCO category ids (1..90, with gaps); id 0 and the gaps are ``"N/A"``. This is the table of
 facebookresearch/detr and of ``facebook/detr-resnet-50``'s ``id2label``.
+
+Examples:
+    >>> from qdetr.zoo.labels import COCO_ID2LABEL
+    >>> len(COCO_ID2LABEL), COCO_ID2LABEL.get(1), COCO_ID2LABEL.get(12), COCO_ID2LABEL.get(90)
+    (91, 'person', 'N/A', 'toothbrush')
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ COCO_ID2LABEL: dict[int, str] = dict(enumerate(_COCO_NAMES))
 
 
 def default_id2label(num_classes: int) -> dict[int, str]:
-    """Labels for a head with ``num_classes`` class ids: COCO names for 91, ``LABEL_i`` otherwise."""
+    """Labels for a head with ``num_classes`` class ids: COCO names for 91, ``LABEL_i`` otherwise.
+
+    Examples:
+        >>> from qdetr.zoo.labels import default_id2label
+        >>> default_id2label(3)
+        {0: 'LABEL_0', 1: 'LABEL_1', 2: 'LABEL_2'}
+        >>> labels = default_id2label(91)
+        >>> len(labels), labels.get(3), labels is COCO_ID2LABEL     # a copy of the COCO table
+        (91, 'car', False)
+    """
     if num_classes == len(COCO_ID2LABEL):
         return dict(COCO_ID2LABEL)
     return {i: f"LABEL_{i}" for i in range(num_classes)}

@@ -65,6 +65,15 @@ def quantization_table(model: nn.Module) -> list[dict[str, Any]]:
         Rows ``{"modules", "count", "weights", "inputs", "attention"}`` in module order;
         ``"FP"`` marks float tensors. Attention rows give the q/k/v projection weights, their
         inputs, and the q/k/v/softmax quantizers; their ``out_proj`` has its own row.
+
+    Examples:
+        >>> from qdetr.quant import quantize_model
+        >>> from qdetr.zoo.model_card import quantization_table
+        >>> quantization_table(nn.Sequential(nn.Linear(8, 4)))
+        [{'modules': '*', 'count': 1, 'weights': 'FP', 'inputs': 'FP', 'attention': '-'}]
+        >>> model = quantize_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), bits=4)
+        >>> quantization_table(model)
+        [{'modules': '*', 'count': 2, 'weights': '4', 'inputs': '4', 'attention': '-'}]
     """
     rows: dict[tuple, dict[str, Any]] = {}
     for name, module in model.named_modules():
@@ -105,6 +114,15 @@ def render_model_card(
 
     Returns:
         The card text.
+
+    Examples:
+        >>> from qdetr.zoo.model_card import render_model_card
+        >>> config = {"name": "demo-w4", "quantization": {"bits": 4}, "architecture": {"arch": "detr"}}
+        >>> card = render_model_card(nn.Sequential(nn.Linear(8, 4)), config, base_model="facebook/detr-resnet-50")
+        >>> card.splitlines()[0], "base_model: facebook/detr-resnet-50" in card, "- 4-bit" in card
+        ('---', True, True)
+        >>> "# demo-w4" in card, "## Citation" in card
+        (True, True)
     """
     quant = config.get("quantization") or {}
     arch = config.get("architecture", {})

@@ -62,6 +62,14 @@ class QuantizedWeight:
         quantizer_name: qualified name of its weight quantizer module.
         quantizer: the quantizer (``LSQWeightQuantizer``-like: ``bits``, ``qmin``, ``qmax``,
             ``axis``, ``per_channel``, ``scale``, ``integer_codes``).
+
+    Examples:
+        >>> from qdetr.quant import quantize_model
+        >>> from qdetr.zoo.packed_state import find_quantized_weights
+        >>> model = quantize_model(nn.Sequential(nn.Linear(8, 4)), bits=4)
+        >>> (qw,) = find_quantized_weights(model, require_active=False)
+        >>> qw.param_name, qw.quantizer_name, qw.quantizer.bits
+        ('0.weight', '0.weight_quantizer', 4)
     """
 
     param_name: str
@@ -83,6 +91,19 @@ def find_quantized_weights(model: nn.Module, *, require_active: bool = True) -> 
 
     Returns:
         One :class:`QuantizedWeight` per quantized Parameter, in module order.
+
+    Examples:
+        >>> from qdetr.quant import quantize_model
+        >>> from qdetr.zoo.packed_state import find_quantized_weights
+        >>> _ = torch.manual_seed(0)
+        >>> model = quantize_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), bits=4)
+        >>> [qw.param_name for qw in find_quantized_weights(model)]
+        ['0.weight', '2.weight']
+        >>> model[2].weight_quantizer.enabled = False     # a disabled quantizer is not active
+        >>> [qw.param_name for qw in find_quantized_weights(model)]
+        ['0.weight']
+        >>> len(find_quantized_weights(model, require_active=False))
+        2
     """
     found = []
     for module_name, module in model.named_modules():
@@ -154,6 +175,19 @@ def save_packed_state(model: nn.Module, path: str | os.PathLike, *, extra_metada
     Raises:
         RuntimeError: if a quantizer's fake-quant weight is not ``codes * step`` (then the
             packed file could not reproduce the model).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from qdetr.quant import quantize_model
+        >>> from qdetr.zoo.packed_state import save_packed_state
+        >>> _ = torch.manual_seed(0)
+        >>> model = quantize_model(nn.Sequential(nn.Linear(8, 4)), bits=4)
+        >>> _ = model.train()(torch.randn(2, 8))      # calibrate
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     summary = save_packed_state(model.eval(), Path(tmp) / "model.safetensors")
+        >>> summary["packed"], summary["aliases"]
+        ({'0.weight': 4}, {})
     """
     state = {k: v.detach() for k, v in model.state_dict().items()}
     packed_meta: dict[str, dict] = {}
@@ -216,6 +250,22 @@ def read_packed_state_dict(path: str | os.PathLike, model: nn.Module | None = No
 
     Raises:
         ValueError: unknown format version, or a target quantizer that disagrees with the file.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from qdetr.quant import quantize_model
+        >>> from qdetr.zoo.packed_state import read_packed_state_dict, save_packed_state
+        >>> _ = torch.manual_seed(0)
+        >>> model = quantize_model(nn.Sequential(nn.Linear(8, 4)), bits=4)
+        >>> _ = model.train()(torch.randn(2, 8))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "model.safetensors"
+        ...     _ = save_packed_state(model.eval(), path)
+        ...     state = read_packed_state_dict(path, model)
+        >>> weight = state["0.weight"]                # dequantised W_int * s
+        >>> weight.shape, torch.equal(weight, model[0].weight_quantizer(model[0].weight))
+        (torch.Size([4, 8]), True)
     """
     with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
@@ -255,7 +305,23 @@ def read_packed_state_dict(path: str | os.PathLike, model: nn.Module | None = No
 
 
 def packed_weight_names(path: str | os.PathLike) -> list[str]:
-    """Names of the weights stored as packed integer codes in ``path``."""
+    """Names of the weights stored as packed integer codes in ``path``.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from qdetr.quant import quantize_model
+        >>> from qdetr.zoo.packed_state import packed_weight_names, save_packed_state
+        >>> _ = torch.manual_seed(0)
+        >>> model = quantize_model(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), bits=2)
+        >>> _ = model.train()(torch.randn(2, 8))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "model.safetensors"
+        ...     _ = save_packed_state(model.eval(), path)
+        ...     names = packed_weight_names(path)
+        >>> names
+        ['0.weight', '2.weight']
+    """
     with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
     return sorted(json.loads(metadata.get("qdetr_packed", "{}")))
@@ -282,6 +348,23 @@ def load_packed_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Raises:
         RuntimeError: missing/unexpected keys (strict load), or a quantizer whose fake-quant
             output is not the loaded weight.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from qdetr.quant import quantize_model
+        >>> from qdetr.zoo.packed_state import load_packed_state, save_packed_state
+        >>> _ = torch.manual_seed(0)
+        >>> model = quantize_model(nn.Sequential(nn.Linear(8, 4)), bits=4)
+        >>> _ = model.train()(torch.randn(2, 8))
+        >>> fresh = quantize_model(nn.Sequential(nn.Linear(8, 4)), bits=4)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "model.safetensors"
+        ...     _ = save_packed_state(model.eval(), path)
+        ...     loaded = load_packed_state(fresh, path)
+        >>> x = torch.randn(3, 8)
+        >>> loaded is fresh, torch.equal(loaded.eval()(x), model(x))    # bit-exact
+        (True, True)
     """
     state = read_packed_state_dict(path, model)
     model.load_state_dict(state, strict=True)
