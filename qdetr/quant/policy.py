@@ -49,6 +49,7 @@ HEAD_NAMES = frozenset(
         "point1",
         "point2",
         "point3",
+        "box_predictor",  # torchvision two-stage detectors (cls_score / bbox_pred)
     }
 )
 INPUT_PROJ_NAMES = frozenset({"input_proj", "input_projection"})

@@ -287,3 +287,28 @@ def test_stem_is_first_three_channel_conv_even_after_other_convs():
     assert m.backbone[0].weight_quantizer.bits == 8 and m.backbone[0].input_quantizer.bits == 8
     assert m.backbone[2].weight_quantizer.bits == 2
     assert type(m.input_proj) is nn.Conv2d
+
+
+def test_torchvision_two_stage_detector_trains_and_predicts():
+    torch.manual_seed(0)
+    m = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=5
+    )
+    quantize_model(m, bits=4)
+    summary = quant_summary(m)
+    assert summary.coverage["conv"][0] >= 60
+    assert isinstance(m.roi_heads.box_head.fc6, QuantLinear)
+    assert "roi_heads.box_predictor.cls_score" in summary.float_layers  # prediction head stays float
+    images = [torch.rand(3, 160, 200), torch.rand(3, 120, 160)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 80.0, 90.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[5.0, 5.0, 50.0, 60.0]]), "labels": torch.tensor([2])},
+    ]
+    m.train()
+    losses = m(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    m.eval()
+    with torch.no_grad():
+        out = m(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[-1] == 4
