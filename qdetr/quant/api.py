@@ -139,6 +139,7 @@ def quantize_model(
         module ... status
         ...
         coverage (quantized/total): conv: 13/18, linear: 6/10, attention: 5/5
+        A: s/u = signed/unsigned input range, ? = decided from the first calibration batch
     """
     if config is None:
         check_bits(bits)

@@ -75,6 +75,7 @@ class QuantSummary:
         cov = ", ".join(f"{k}: {q}/{t}" for k, (q, t) in self.coverage.items())
         lines.append("")
         lines.append(f"coverage (quantized/total): {cov}")
+        lines.append("A: s/u = signed/unsigned input range, ? = decided from the first calibration batch")
         return "\n".join(lines)
 
 
