@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdetr.models.pretrained_methods import PretrainedMethodsMixin
 from qdetr.zoo.cache import default_cache_dir
 from qdetr.zoo.download import download_url, gdrive_download_url, gdrive_view_url
 from qdetr.zoo.hub import CONFIG_NAME, WEIGHTS_NAME, load_from_hub, load_pretrained_dir
@@ -64,15 +65,18 @@ def _push_to_hub_method(self: nn.Module, repo_id: str, **kwargs: Any):
 
 
 def attach_pretrained_methods(model: nn.Module) -> nn.Module:
-    """Bind ``save_pretrained``, ``push_to_hub`` and ``predict`` to ``model`` and return it.
+    """Give ``model`` ``save_pretrained``, ``push_to_hub`` and ``predict`` methods and return it.
 
-    Works on any qdetr detector, e.g. one from :func:`qdetr.models.create_model`.
+    qdetr's :class:`~qdetr.models.Detr` and :class:`~qdetr.models.SmcaDetr` already have them
+    (:class:`~qdetr.models.pretrained_methods.PretrainedMethodsMixin`) and are returned
+    unchanged; another module with the same ``forward(pixel_values, pixel_mask)`` contract and
+    a qdetr ``config`` gets the three methods bound to the instance.
 
     Args:
         model: the detector.
 
     Returns:
-        ``model``, with the three methods bound to this instance.
+        ``model``, with the three methods.
 
     Examples:
         >>> from qdetr.models import create_model
@@ -81,6 +85,8 @@ def attach_pretrained_methods(model: nn.Module) -> nn.Module:
         >>> all(callable(getattr(model, name)) for name in ("predict", "save_pretrained", "push_to_hub"))
         True
     """
+    if isinstance(model, PretrainedMethodsMixin):
+        return model
     model.save_pretrained = types.MethodType(_save_pretrained_method, model)
     model.push_to_hub = types.MethodType(_push_to_hub_method, model)
     return attach_predict(model)
