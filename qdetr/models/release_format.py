@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdetr.errors import CheckpointError
 from qdetr.models.backbone import RESNET_LAYOUTS
 from qdetr.models.config import SmcaConfig
 
@@ -89,10 +90,10 @@ _RENAME_COMPILED = tuple((re.compile(p), r) for p, r in RENAME_RULES)
 _DEAD_COMPILED = tuple((re.compile(rf"^{p}$"), why) for p, why in DEAD_QUANTIZER_PATTERNS)
 
 
-class ReleaseFormatError(ValueError):
+class ReleaseFormatError(CheckpointError):
     """The state dict is not a loadable Q-DETR release file (the message says why and what to do).
 
-    A subclass of ``ValueError``.
+    A subclass of :class:`qdetr.errors.CheckpointError` (and so of ``ValueError``).
 
     Examples:
         >>> import torch

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qdetr.errors import QdetrError
 from qdetr.quant.config import QuantizerConfig, check_bits
 from qdetr.quant.primitives import (
     fake_quant_activation,
@@ -32,7 +33,7 @@ __all__ = ["LSQWeightQuantizer", "LSQActQuantizer", "UncalibratedQuantizerError"
 MIN_STEP = 1e-8
 
 
-class UncalibratedQuantizerError(RuntimeError):
+class UncalibratedQuantizerError(QdetrError, RuntimeError):
     """Raised when an activation quantizer that was never calibrated runs in eval mode.
 
     Fix it by calibrating (:func:`qdetr.quant.calibrate`), running a training step, or loading

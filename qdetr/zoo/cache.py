@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qdetr.atomic_write import atomic_path
+from qdetr.errors import OfflineModeError
 
 __all__ = [
     "OfflineModeError",
@@ -30,22 +31,6 @@ __all__ = [
 ]
 
 _TRUE_VALUES = {"1", "true", "yes", "on", "y", "t"}
-
-
-class OfflineModeError(RuntimeError):
-    """Raised when a file is needed from the network while offline mode is on.
-
-    Examples:
-        >>> import os, tempfile
-        >>> from unittest import mock
-        >>> from qdetr.zoo import OfflineModeError, download_url
-        >>> with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"QDETR_OFFLINE": "1"}):
-        ...     try:
-        ...         download_url("https://example.com/weights.pth", cache_dir=tmp)
-        ...     except OfflineModeError as err:
-        ...         print("offline mode is on" in str(err))
-        True
-    """
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -40,7 +40,8 @@ import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
-from qdetr.zoo.cache import OfflineModeError, default_cache_dir, is_offline, read_json, write_json_atomic
+from qdetr.errors import ChecksumError, DownloadError, HTMLResponseError, OfflineModeError
+from qdetr.zoo.cache import default_cache_dir, is_offline, read_json, write_json_atomic
 
 __all__ = [
     "DownloadError",
@@ -63,59 +64,6 @@ _GDRIVE_DEFAULT_ENDPOINT = "https://drive.google.com"
 _GDRIVE_HOSTS = {"drive.google.com", "drive.usercontent.google.com", "docs.google.com"}
 _CHUNK_BYTES = 1 << 20
 _USER_AGENT = "qdetr-zoo (urllib)"
-
-
-class DownloadError(RuntimeError):
-    """A download failed (network error, truncated transfer, wrong size).
-
-    The base class of :class:`ChecksumError` and :class:`HTMLResponseError`.
-
-    Examples:
-        >>> from qdetr.zoo import ChecksumError, DownloadError, HTMLResponseError
-        >>> issubclass(ChecksumError, DownloadError), issubclass(HTMLResponseError, DownloadError)
-        (True, True)
-        >>> try:  # doctest: +SKIP
-        ...     path = download_url("https://example.com/missing.pth")
-        ... except DownloadError as err:
-        ...     print(err)
-        HTTP 404 Not Found for https://example.com/missing.pth.
-    """
-
-
-class ChecksumError(DownloadError):
-    """The downloaded or cached bytes do not have the expected SHA-256.
-
-    Examples:
-        >>> import os, tempfile
-        >>> from unittest import mock
-        >>> from qdetr.zoo import ChecksumError, download_url
-        >>> from qdetr.zoo.download import cached_file_path
-        >>> with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"QDETR_OFFLINE": "1"}):
-        ...     cached = cached_file_path("weights.pth", subdir="demo", cache_dir=tmp)
-        ...     cached.parent.mkdir(parents=True)
-        ...     _ = cached.write_bytes(b"not the expected bytes")
-        ...     try:
-        ...         download_url("https://example.com/weights.pth", subdir="demo", cache_dir=tmp, sha256="0" * 64)
-        ...     except ChecksumError as err:
-        ...         print("is corrupt" in str(err))
-        True
-    """
-
-
-class HTMLResponseError(DownloadError):
-    """The server answered with an HTML page instead of the requested file.
-
-    Nothing is saved; the message says how to download the file by hand.
-
-    Examples:
-        >>> from qdetr.zoo import DownloadError, HTMLResponseError
-        >>> issubclass(HTMLResponseError, DownloadError)
-        True
-        >>> download_url("https://example.com/login-page.pth")  # doctest: +SKIP
-        Traceback (most recent call last):
-        ...
-        qdetr.zoo.download.HTMLResponseError: https://example.com/login-page.pth returned an HTML page ...
-    """
 
 
 def gdrive_download_url(file_id: str, *, endpoint: str | None = None) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdetr.errors import CheckpointError
 from qdetr.zoo.safe_load import load_checkpoint_file
 
 __all__ = [
@@ -49,10 +50,10 @@ RELEASE_MODEL_NAME = "qdetr_smca_r50"
 _FILE_BITS_RE = re.compile(r"ckpt_(\d+)_bit")
 
 
-class BitWidthError(ValueError):
+class BitWidthError(CheckpointError):
     """The bit width of a release checkpoint is missing or contradictory.
 
-    A subclass of ``ValueError``.
+    A subclass of :class:`qdetr.errors.CheckpointError` (and so of ``ValueError``).
 
     Examples:
         >>> from qdetr.zoo import BitWidthError

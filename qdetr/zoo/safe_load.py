@@ -20,30 +20,12 @@ from typing import Any
 
 import torch
 
+from qdetr.errors import UnsafeCheckpointError
+
 __all__ = ["ALLOWED_CHECKPOINT_GLOBALS", "UnsafeCheckpointError", "load_checkpoint_file"]
 
 #: Globals that checkpoint files may reference besides tensors and builtin containers.
 ALLOWED_CHECKPOINT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint needs a global outside the allow-list; it was not loaded.
-
-    A subclass of ``pickle.UnpicklingError``; the message names the refused global.
-
-    Examples:
-        >>> import tempfile, torch
-        >>> from pathlib import Path, PurePosixPath
-        >>> from qdetr.zoo import UnsafeCheckpointError, load_checkpoint_file
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     path = Path(tmp) / "untrusted.pth"
-        ...     torch.save({"where": PurePosixPath("/data")}, path)
-        ...     try:
-        ...         load_checkpoint_file(path)
-        ...     except UnsafeCheckpointError as err:
-        ...         print("PurePosixPath" in str(err))
-        True
-    """
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
