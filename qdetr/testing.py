@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdetr.models.release_format import release_layout_entries
+from qdetr.zoo.release_format import release_layout_entries
 
 __all__ = [
     "tiny_detr",
@@ -195,7 +195,7 @@ def make_release_state_dict(
 
     Args:
         manifest: path or parsed manifest (its ``entries``); None with ``config`` builds the
-            entries from the config (:func:`~qdetr.models.release_format.release_layout_entries`), None without
+            entries from the config (:func:`~qdetr.zoo.release_format.release_layout_entries`), None without
             ``config`` reads the shared manifest.
         seed: RNG seed.
         config: an ``SmcaConfig`` (``backbone_unit="bireal"``) for other sizes (tests use
@@ -205,7 +205,8 @@ def make_release_state_dict(
         ``{key: tensor}`` in manifest order, float32.
 
     Examples:
-        >>> from qdetr.models import load_release_state_dict, model_config
+        >>> from qdetr.models import model_config
+        >>> from qdetr.zoo.release_format import load_release_state_dict
         >>> from qdetr.testing import make_release_state_dict
         >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
         >>> state["transformer.encoder.layers.0.self_attn.in_proj_weight"] is state[

@@ -23,12 +23,6 @@ from qdetr.models.postprocess import post_process_object_detection
 from qdetr.models.preprocessing import PreprocessingConfig, pad_and_mask, preprocess_images
 from qdetr.models.quantized import build_qdetr_smca
 from qdetr.models.registry import build_model, create_model, list_models, model_config, register_model
-from qdetr.models.release_format import (
-    ReleaseConversionReport,
-    ReleaseFormatError,
-    convert_release_state_dict,
-    load_release_state_dict,
-)
 from qdetr.models.smca import SmcaDetr
 
 __all__ = [
@@ -51,12 +45,8 @@ __all__ = [
     "DetectionOutput",
     "OUTPUT_KEYS",
     "DetectorForExport",
-    # quantized models and the release format
+    # quantized models
     "build_qdetr_smca",
-    "convert_release_state_dict",
-    "load_release_state_dict",
-    "ReleaseConversionReport",
-    "ReleaseFormatError",
     # training
     "HungarianMatcher",
     "SetCriterion",
@@ -73,3 +63,28 @@ __all__ = [
     "box_iou_xyxy",
     "generalized_box_iou_xyxy",
 ]
+
+#: Names that moved to :mod:`qdetr.zoo` (the zoo owns every file format); importable from
+#: here for one more release with a ``DeprecationWarning``.
+_MOVED_TO_ZOO = {
+    "convert_release_state_dict": "qdetr.zoo.release_format",
+    "load_release_state_dict": "qdetr.zoo.release_format",
+    "ReleaseConversionReport": "qdetr.zoo.release_format",
+    "ReleaseFormatError": "qdetr.zoo.release_format",
+}
+
+
+def __getattr__(name: str):
+    """Deprecated aliases of names that moved out of :mod:`qdetr.models` (see ``_MOVED_TO_ZOO``)."""
+    if name in _MOVED_TO_ZOO:
+        import importlib
+        import warnings
+
+        module = _MOVED_TO_ZOO[name]
+        warnings.warn(
+            f"qdetr.models.{name} moved to {module}; import it from there (the alias goes in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'qdetr.models' has no attribute {name!r}")

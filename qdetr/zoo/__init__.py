@@ -21,6 +21,12 @@ from qdetr.zoo.prediction import predict
 from qdetr.zoo.pretrained import attach_pretrained_methods, from_pretrained
 from qdetr.zoo.registry import PretrainedEntry, get_pretrained_entry, list_pretrained, register_pretrained
 from qdetr.zoo.release import BitWidthError, load_release_checkpoint
+from qdetr.zoo.release_format import (
+    ReleaseConversionReport,
+    ReleaseFormatError,
+    convert_release_state_dict,
+    load_release_state_dict,
+)
 from qdetr.zoo.safe_load import UnsafeCheckpointError, load_checkpoint_file
 
 __all__ = [
@@ -40,6 +46,10 @@ __all__ = [
     # release checkpoints
     "load_release_checkpoint",
     "load_checkpoint_file",
+    "convert_release_state_dict",
+    "load_release_state_dict",
+    "ReleaseConversionReport",
+    "ReleaseFormatError",
     "BitWidthError",
     "UnsafeCheckpointError",
     # downloads and cache

@@ -10,7 +10,7 @@ Steps (checkpoints.md section 2.6):
    argument, ``args.n_bit``, and the file name ``ckpt_<b>_bit`` must agree; with none of
    them the load fails (never a silent guess);
 4. convert the keys and check the release semantics
-   (:func:`qdetr.models.release_format.convert_release_state_dict`);
+   (:func:`qdetr.zoo.release_format.convert_release_state_dict`);
 5. build ``qdetr_smca_r50`` (seed profile) at that width, load strictly, eval, and run a
    smoke forward that must give finite outputs.
 """
@@ -218,7 +218,7 @@ def model_from_release_state_dict(
     Returns:
         The model in eval mode, with ``id2label`` and provenance attached.
     """
-    from qdetr.models.release_format import convert_release_state_dict
+    from qdetr.zoo.release_format import convert_release_state_dict
     from qdetr.zoo.hub import PRETRAINED_INFO_ATTR, model_config_dict
     from qdetr.zoo.labels import default_id2label
 

@@ -11,7 +11,7 @@ import torch
 
 from qdetr.models import create_model
 from qdetr.models.registry import model_config
-from qdetr.models.release_format import (
+from qdetr.zoo.release_format import (
     ReleaseFormatError,
     convert_release_state_dict,
     load_release_state_dict,
@@ -87,7 +87,7 @@ def test_dead_quantizer_table_matches_manifest(manifest_path):
             if re.fullmatch(module, mod) and leaf in entry["unused_keys"]:
                 expected.add(key)
     assert sum(e["count"] for e in manifest["dead_quantizers"]) == 54
-    from qdetr.models.release_format import _dead_reason
+    from qdetr.zoo.release_format import _dead_reason
 
     ours = {e["key"] for e in manifest["entries"] if _dead_reason(e["key"]) is not None}
     assert ours == expected

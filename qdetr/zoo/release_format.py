@@ -97,7 +97,7 @@ class ReleaseFormatError(CheckpointError):
 
     Examples:
         >>> import torch
-        >>> from qdetr.models import ReleaseFormatError, convert_release_state_dict
+        >>> from qdetr.zoo.release_format import ReleaseFormatError, convert_release_state_dict
         >>> try:
         ...     convert_release_state_dict({"weight": torch.zeros(1)}, bits=4)
         ... except ReleaseFormatError as err:
@@ -121,7 +121,8 @@ class ReleaseConversionReport:
         warnings: non-fatal findings (unusual ``signed`` pattern, identical query halves).
 
     Examples:
-        >>> from qdetr.models import convert_release_state_dict, model_config
+        >>> from qdetr.models import model_config
+        >>> from qdetr.zoo.release_format import convert_release_state_dict
         >>> from qdetr.testing import make_release_state_dict
         >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
         >>> _, report = convert_release_state_dict(state, bits=4)
@@ -422,7 +423,8 @@ def convert_release_state_dict(
         ReleaseFormatError: on any failed check (see the module docstring).
 
     Examples:
-        >>> from qdetr.models import convert_release_state_dict, create_model, model_config
+        >>> from qdetr.models import create_model, model_config
+        >>> from qdetr.zoo.release_format import convert_release_state_dict
         >>> from qdetr.testing import make_release_state_dict
         >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
         >>> converted, report = convert_release_state_dict(state, bits=4)
@@ -561,7 +563,8 @@ def load_release_state_dict(
         ReleaseFormatError: on failed checks or non-finite smoke-test outputs.
 
     Examples:
-        >>> from qdetr.models import load_release_state_dict, model_config
+        >>> from qdetr.models import model_config
+        >>> from qdetr.zoo.release_format import load_release_state_dict
         >>> from qdetr.testing import make_release_state_dict
         >>> state = make_release_state_dict(config=model_config("qdetr_smca_tiny"))
         >>> model, report = load_release_state_dict(state, bits=2)
