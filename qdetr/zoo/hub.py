@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from qdetr.atomic_write import atomic_path
+from qdetr.errors import CheckpointError
 from qdetr.zoo.cache import write_json_atomic
 from qdetr.zoo.labels import default_id2label
 from qdetr.zoo.model_card import render_model_card
 from qdetr.zoo.packed_state import find_quantized_weights, load_packed_state, save_packed_state
+from qdetr.zoo.size_limits import check_architecture_bounds
 
 __all__ = [
     "FORMAT_VERSION",
@@ -228,11 +230,22 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"{directory} has no {CONFIG_NAME}; it is not a qdetr model directory (save one with "
             f"model.save_pretrained(dir), or pass a release .pth file)"
         )
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("library_name") != "qdetr" or "architecture" not in config:
-        raise ValueError(f"{path} is not a qdetr config (library_name/architecture missing)")
+    config = _read_json_bounded(path)
+    if not isinstance(config, dict) or config.get("library_name") != "qdetr" or "architecture" not in config:
+        raise CheckpointError(f"{path} is not a qdetr config (library_name/architecture missing)")
     return config
+
+
+def _read_json_bounded(path: Path, max_bytes: int = 10_000_000) -> Any:
+    """Parse a small JSON file; a huge, binary or malformed file is a :class:`CheckpointError`."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"{path} is {size:,} bytes; a config.json is a few kB (limit {max_bytes:,}), so "
+                              "this is not a qdetr config")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); delete the folder and save or download it again") from err
 
 
 def load_pretrained_dir(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
@@ -271,6 +284,8 @@ def load_pretrained_dir(directory: str | os.PathLike, *, device: str | torch.dev
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    check_architecture_bounds(config["architecture"], source=str(directory / CONFIG_NAME),
+                              weights_bytes=weights.stat().st_size)
     model = build_model_from_config(config)
     load_packed_state(model, weights)
     model.id2label = {int(k): v for k, v in config.get("id2label", {}).items()}

@@ -33,6 +33,7 @@ from torch import nn
 
 from qdetr.errors import CheckpointError
 from qdetr.zoo.safe_load import load_checkpoint_file
+from qdetr.zoo.size_limits import check_layer_indices
 
 __all__ = [
     "RELEASE_MODEL_NAME",
@@ -90,6 +91,11 @@ def resolve_release_bits(
     args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
     n_bit = getattr(args, "n_bit", None)
     if n_bit is not None:
+        if isinstance(n_bit, bool) or not isinstance(n_bit, (int, float)) or n_bit not in (2, 3, 4):
+            raise BitWidthError(
+                f"the checkpoint's args.n_bit is {n_bit!r}, not a bit width 2, 3 or 4; the file is damaged or "
+                "was not written by the Q-DETR release code"
+            )
         found.append(("args.n_bit", int(n_bit)))
     if filename is not None:
         match = _FILE_BITS_RE.search(Path(filename).name)
@@ -129,7 +135,7 @@ def release_state_dict(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dict[s
     else:
         state, extras = checkpoint, {}
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
+        raise CheckpointError(
             "not a release checkpoint: expected a dict with a 'model' state dict or a bare state dict of tensors"
         )
     return dict(state), extras
@@ -288,7 +294,11 @@ def load_release_checkpoint(
     path = Path(path)
     checkpoint = load_checkpoint_file(path)
     resolved, source = resolve_release_bits(checkpoint, bits=bits, filename=path.name)
-    state, extras = release_state_dict(checkpoint)
+    try:
+        state, extras = release_state_dict(checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    check_layer_indices(state.keys(), source=str(path))
     info = {
         "source_format": "qdetr-release (Hzbupahaozi/Q-DETR seed layout)",
         "source_file": path.name,

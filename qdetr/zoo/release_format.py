@@ -35,6 +35,7 @@ from torch import nn
 from qdetr.errors import CheckpointError
 from qdetr.models.backbone import RESNET_LAYOUTS
 from qdetr.models.config import SmcaConfig
+from qdetr.zoo.size_limits import check_architecture_bounds, check_layer_indices
 
 __all__ = [
     "ReleaseFormatError",
@@ -320,7 +321,14 @@ def release_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Sm
     Raises:
         ReleaseFormatError: if the keys do not look like a Q-DETR release SMCA model.
     """
+    if not isinstance(state_dict, Mapping):
+        raise ReleaseFormatError(f"a release checkpoint holds a dict of tensors, got {type(state_dict).__name__}")
     sd = _unwrap(state_dict)
+    # Key names and value types first: nothing below may allocate from a declared size.
+    check_layer_indices(sd.keys(), source="the release state dict")
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ReleaseFormatError(f"release state dict entries must be tensors; not tensors: {not_tensors[:5]}")
     required = (
         "transformer.decoder.norm.weight",
         "transformer.encoder.layers.0.self_attn.q_act.alpha",
@@ -335,6 +343,17 @@ def release_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Sm
             f"not a Q-DETR release (seed) state dict: missing {missing}. Float DETR/SMCA checkpoints load "
             "directly into create_model('detr_r50') / create_model('smca_detr_r50')"
         )
+    try:
+        config = _infer_release_config(sd)
+    except ReleaseFormatError:
+        raise
+    except (IndexError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise ReleaseFormatError(f"inconsistent shapes in the release state dict: {exc}") from exc
+    check_architecture_bounds(config.to_dict(), source="the release state dict")
+    return config
+
+
+def _infer_release_config(sd: Mapping[str, torch.Tensor]) -> SmcaConfig:
     keys = list(sd)
     hidden = sd["transformer.decoder.norm.weight"].shape[0]
     nheads = sd["transformer.encoder.layers.0.self_attn.q_act.alpha"].shape[0]

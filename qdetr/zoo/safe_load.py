@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from qdetr.errors import UnsafeCheckpointError
+from qdetr.errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["ALLOWED_CHECKPOINT_GLOBALS", "UnsafeCheckpointError", "load_checkpoint_file"]
 
@@ -42,6 +42,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         FileNotFoundError: ``path`` does not exist.
         UnsafeCheckpointError: the file references a global that is not allowed (the
             message names it); nothing from the file was executed.
+        CheckpointError: the file is empty, truncated or not a PyTorch checkpoint (the message
+            says to delete it and fetch it again).
 
     Examples:
         >>> import argparse, tempfile, torch
@@ -58,17 +60,38 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or save; delete it and "
+                              "download or save it again")
     try:
         with torch.serialization.safe_globals(list(ALLOWED_CHECKPOINT_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         name = _refused_global(str(err))
+        if name is None and "global" not in str(err).lower():
+            raise _damaged(path, size, err) from None
         what = f"the global {name!r}" if name else "an object that is not a tensor, container or argparse.Namespace"
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs {what}, which is outside the allow-list "
             f"(tensors, builtin containers, argparse.Namespace). Loading it would run code from the file. "
             f"If you trust its origin, re-save its state dict with plain tensors and load that file."
-        ) from err
+        ) from None
+    except (EOFError, RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as err:
+        if isinstance(err, OSError) and not isinstance(err, EOFError) and not path.is_file():
+            raise
+        raise _damaged(path, size, err) from None
+
+
+def _damaged(path: Path, size: int, err: BaseException) -> CheckpointError:
+    """The error for a file that torch cannot parse (truncated, not a checkpoint, damaged)."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    # torch's own texts may advise weights_only=False, which would run code from the file: never echo them.
+    detail = type(err).__name__ if not text or "weights_only" in text else f"{type(err).__name__}: {text.split('. ')[0][:160]}"
+    return CheckpointError(
+        f"{path} ({size:,} bytes) is not a readable PyTorch checkpoint: it is truncated, damaged or not a "
+        f"checkpoint ({detail}). Delete it and download or save it again."
+    )
 
 
 def _refused_global(message: str) -> str | None:
