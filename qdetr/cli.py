@@ -213,24 +213,74 @@ def _cmd_demo(args) -> int:
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo}
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a bad input (file, format, value, image, unpickling, offline), not a bug."""
+    import pickle
+
+    from qdetr.errors import QdetrError
+
+    types: list[type[BaseException]] = [QdetrError, OSError, ValueError, EOFError, pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        types.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    try:
+        from yaml import YAMLError
+
+        types.append(YAMLError)
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        pass
+    return tuple(types)
+
+
+def _add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-v`` after any (sub)command too, without overriding one given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("-v" in a.option_strings for a in sub._actions):
+                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="log INFO messages and show tracebacks of errors")
+                _add_verbose_everywhere(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``qdetr`` console script and ``python -m qdetr``."""
+    """Entry point of the ``qdetr`` console script and ``python -m qdetr``.
+
+    A user error of any subcommand (a missing or damaged file, a bad value, an unreadable
+    image, an unsafe pickle, offline mode) prints one line ``qdetr <command>: error: ...`` on
+    stderr and returns 2; with ``-v`` the traceback is printed too. Bugs still raise.
+
+    Examples:
+        >>> import contextlib, io
+        >>> stderr = io.StringIO()
+        >>> with contextlib.redirect_stderr(stderr):
+        ...     code = main(["predict", "missing-model-dir", "missing.jpg", "--out", "out"])
+        >>> code, stderr.getvalue().startswith("qdetr predict: error:"), "Traceback" in stderr.getvalue()
+        (2, True, False)
+    """
     parser = build_parser()
+    _add_verbose_everywhere(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handler = _COMMANDS.get(args.command)
-    if handler is None:  # zoo commands register their own handler
-        func = getattr(args, "func", None)
-        if func is None:
-            parser.error(f"unknown command {args.command!r}")
-        result = func(args)
-        return int(result or 0)
+    handler = _COMMANDS.get(args.command) or getattr(args, "func", None)  # zoo/export commands set func
+    if handler is None:
+        parser.error(f"unknown command {args.command!r}")
+    command = " ".join(str(part) for part in (args.command, getattr(args, "zoo_command", None)) if part)
     try:
-        return handler(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"qdetr {args.command}: error: {error}", file=sys.stderr)
+        return int(handler(args) or 0)
+    except _user_error_types() as error:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"qdetr {command}: error: {message}" + ("" if args.verbose else " (run with -v for the traceback)"),
+              file=sys.stderr)
         return 2
 
 
