@@ -69,7 +69,8 @@ def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="draw detections on images and write JSON")
     p.add_argument("model", help="model_final.pt, a run folder or a save_pretrained folder")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (<image stem>.pred.png per image + predictions.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run (never an input image)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
 
@@ -186,8 +187,10 @@ def _cmd_eval(args) -> int:
         for cat_id, ap in sorted(result.per_class_ap.items()):
             print(f"  {cat_id:>4} {dataset.category_names.get(cat_id, '?'):<20} AP {ap:.4f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+        from qdetr.atomic_write import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2))
     return 0
 
 
@@ -195,7 +198,9 @@ def _cmd_predict(args) -> int:
     from qdetr.engine.predict import load_model_for_inference, predict_images
 
     loaded = load_model_for_inference(args.model)
-    records = predict_images(loaded, args.images, args.out, threshold=args.threshold, device=args.device)
+    records = predict_images(
+        loaded, args.images, args.out, threshold=args.threshold, device=args.device, overwrite=args.overwrite
+    )
     for record in records:
         print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
     print(f"wrote {Path(args.out) / 'predictions.json'}")

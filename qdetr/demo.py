@@ -209,7 +209,7 @@ def _prediction_picture(model_paths: list[tuple[str, str]], image_paths: list[Pa
         loaded = load_model_for_inference(path)
         records = predict_images(
             loaded, image_paths, out_png.parent / "predictions" / title.replace(" ", "_"), threshold=0.3,
-            display_short_side=256,
+            display_short_side=256, overwrite=True,
         )
         rows.append((title, [Image.open(r["output"]).convert("RGB") for r in records]))
     cell = max(im.size[0] for _, ims in rows for im in ims)
@@ -220,7 +220,10 @@ def _prediction_picture(model_paths: list[tuple[str, str]], image_paths: list[Pa
         draw.text((6, r * cell + cell // 2 - 6), title, fill="black")
         for c, image in enumerate(images):
             canvas.paste(image, (label_w + c * cell, r * cell))
-    canvas.save(out_png)
+    from qdetr.atomic_write import atomic_path
+
+    with atomic_path(out_png) as tmp:
+        canvas.save(tmp, format="PNG")
     return out_png
 
 
@@ -321,19 +324,20 @@ def run_demo(config: DemoConfig | None = None, echo: Callable[[str], None] | Non
     # 7. table
     table = format_table(rows)
     elapsed = time.time() - start
-    (out / "table.md").write_text(
+    from qdetr.atomic_write import atomic_path
+
+    table_text = (
         "# qdetr demo: synthetic shapes, "
         f"{config.model} at {config.image_size} px\n\n{table}\n\n"
         f"COCO AP (pycocotools, IoU .50:.95) on {config.val_images} synthetic validation images, eval batch size 1. "
         "Packed size: `model.safetensors` written by `save_pretrained` (integer codes bit-packed). "
         f"Total run time {elapsed:.0f} s.\n"
     )
-    (out / "results.json").write_text(
-        json.dumps(
-            {"config": dataclasses.asdict(config), "rows": [dataclasses.asdict(r) for r in rows], "seconds": elapsed},
-            indent=2,
-        )
-    )
+    results = {"config": dataclasses.asdict(config), "rows": [dataclasses.asdict(r) for r in rows], "seconds": elapsed}
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(table_text)
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     say("")
     say(table)
     say("")

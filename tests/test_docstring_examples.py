@@ -33,7 +33,7 @@ def _modules(package_name: str) -> list[str]:
     return [package_name] + [f"{package_name}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
 
 
-MODULES = [name for package in PACKAGES for name in _modules(package)] + ["qdetr.testing", "qdetr.errors"]
+MODULES = [name for package in PACKAGES for name in _modules(package)] + ["qdetr.testing", "qdetr.errors", "qdetr.image_io"]
 
 
 def _public_callables(package_name: str) -> list[tuple[str, object]]:

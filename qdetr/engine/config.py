@@ -455,14 +455,17 @@ class TrainConfig:
             >>> saved["epochs"]
             4
         """
+        from qdetr.atomic_write import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
-            path.write_text(json.dumps(self.to_dict(), indent=2))
+            text = json.dumps(self.to_dict(), indent=2)
+        with atomic_path(path) as tmp:  # a killed run never leaves a half-written config
+            tmp.write_text(text)
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "TrainConfig":
         """Returns a copy with dotted-key overrides, e.g. ``["optim.lr=2e-4", "quant.bits=2"]``.

@@ -325,8 +325,10 @@ def evaluate_coco(
             coco_gt, all_records, image_ids=all_ids, per_class=per_class
         )
         if detections_path is not None:
-            Path(detections_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(detections_path).write_text(json.dumps(all_records))
+            from qdetr.atomic_write import atomic_path
+
+            with atomic_path(detections_path) as tmp:
+                tmp.write_text(json.dumps(all_records))
         payload = [
             CocoEvalResult(
                 stats=stats,

@@ -18,6 +18,10 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
+from qdetr.atomic_write import atomic_path
+from qdetr.engine.prediction_outputs import prediction_output_paths
+from qdetr.image_io import read_rgb_image
+
 from qdetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["LoadedModel", "load_model_for_inference", "predict_images"]
@@ -132,8 +136,13 @@ def predict_images(
     device: str | torch.device = "cpu",
     box_width: int = 2,
     display_short_side: int | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """Detects objects in image files and writes ``<stem>.png`` (boxes drawn) and ``predictions.json``.
+    """Detects objects in image files and writes ``<stem>.pred.png`` (boxes drawn) and ``predictions.json``.
+
+    Output names follow :func:`qdetr.engine.prediction_outputs.prediction_output_paths`: inputs
+    that share a stem get distinct names, an output never replaces an input, and outputs of an
+    earlier run are only replaced with ``overwrite=True``. Every file is written atomically.
 
     Args:
         loaded: the model and its preprocessing.
@@ -144,6 +153,7 @@ def predict_images(
         box_width: line width of the drawn boxes.
         display_short_side: draw on a copy resized to this short side (small images get
             readable labels); the JSON keeps original-image coordinates.
+        overwrite: replace outputs of an earlier run in ``out_dir`` (inputs are never replaced).
 
     Returns:
         One record per image: ``{"image", "output", "detections": [{"category_id", "label",
@@ -151,6 +161,9 @@ def predict_images(
 
     Raises:
         FileNotFoundError: for a missing image file (named in the message).
+        InputImageError: an image file that cannot be read or used (named in the message).
+        OutputExistsError: an output would replace an input, or an earlier output without
+            ``overwrite``; checked before anything is written.
 
     Examples:
         >>> import tempfile
@@ -165,7 +178,7 @@ def predict_images(
         ...     records = predict_images(loaded, [image_path], Path(tmp) / "out", threshold=0.0)
         ...     written = sorted(p.name for p in (Path(tmp) / "out").iterdir())
         >>> written
-        ['predictions.json', 'shapes.png']
+        ['predictions.json', 'shapes.pred.png']
         >>> record = records[0]
         >>> detections = record["detections"]
         >>> len(detections) > 0, sorted(detections[0])
@@ -174,15 +187,16 @@ def predict_images(
     from qdetr.models import post_process_object_detection
 
     out_dir = Path(out_dir)
+    image_paths = [Path(p) for p in image_paths]
+    missing = [str(p) for p in image_paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"image not found: {', '.join(missing[:5])}")
+    output_paths, summary_path = prediction_output_paths(image_paths, out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = loaded.model.to(device).eval()
     records = []
-    for image_path in image_paths:
-        image_path = Path(image_path)
-        if not image_path.is_file():
-            raise FileNotFoundError(f"image not found: {image_path}")
-        with Image.open(image_path) as pil:
-            rgb = TF.pil_to_tensor(pil.convert("RGB"))  # (3, H, W) uint8
+    for image_path, output in zip(image_paths, output_paths):
+        rgb = TF.pil_to_tensor(read_rgb_image(image_path))  # (3, H, W) uint8; 16-bit files scaled
         height, width = rgb.shape[-2:]
         resized = TF.resize(rgb, size=loaded.eval_size, max_size=loaded.max_size, antialias=True)
         pixel_values = TF.normalize(TF.to_dtype(resized, torch.float32, scale=True), list(loaded.mean), list(loaded.std))
@@ -209,8 +223,8 @@ def predict_images(
             if labels
             else canvas
         )
-        output = out_dir / f"{image_path.stem}.png"
-        TF.to_pil_image(drawn).save(output)
+        with atomic_path(output) as tmp:
+            TF.to_pil_image(drawn).save(tmp, format="PNG")
         records.append(
             {
                 "image": str(image_path),
@@ -226,5 +240,6 @@ def predict_images(
                 ],
             }
         )
-    (out_dir / "predictions.json").write_text(json.dumps(records, indent=1))
+    with atomic_path(summary_path) as tmp:
+        tmp.write_text(json.dumps(records, indent=1))
     return records

@@ -106,8 +106,10 @@ def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
     axes[1].set_ylabel("COCO AP")
     axes[1].grid(alpha=0.3)
     fig.tight_layout()
+    from qdetr.atomic_write import atomic_path
+
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return png_path

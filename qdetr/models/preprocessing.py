@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from qdetr.image_io import check_pixel_tensor, to_rgb
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -96,13 +98,15 @@ def image_to_tensor(image) -> torch.Tensor:
     Raises:
         TypeError: for unsupported image types.
         ValueError: for a wrong number of channels.
+        InputImageError: an empty or extremely elongated image, or a float tensor with NaN/inf
+            or values outside [0, 1] (see :func:`qdetr.image_io.check_pixel_tensor`).
     """
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        tensor = TF.pil_to_tensor(image.convert("RGB"))
+        tensor = TF.pil_to_tensor(to_rgb(image))  # 16-bit and float modes scaled, not clipped
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"numpy images must be (H, W, 3) RGB, got shape {image.shape}")
@@ -119,9 +123,11 @@ def image_to_tensor(image) -> torch.Tensor:
             "convert grayscale/RGBA to RGB and use channels-first order"
         )
     if tensor.dtype == torch.uint8:
+        check_pixel_tensor(tensor)
         return tensor.float() / 255.0
     if not tensor.is_floating_point():
         raise TypeError(f"image tensors must be uint8 or floating point in [0, 1], got {tensor.dtype}")
+    check_pixel_tensor(tensor)
     return tensor.float()
 
 

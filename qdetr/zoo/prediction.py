@@ -25,15 +25,13 @@ def load_image(image: Any) -> Any:
 
     Raises:
         FileNotFoundError: a path that does not exist.
+        InputImageError: a file that is not a readable image, or an empty or extremely
+            elongated image (see :func:`qdetr.image_io.read_rgb_image`; 16-bit files are scaled).
     """
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
+        from qdetr.image_io import read_rgb_image
 
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return read_rgb_image(image)
     return image
 
 

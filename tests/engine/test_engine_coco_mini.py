@@ -41,5 +41,5 @@ def test_coco_mini_load_train_evaluate_predict(tmp_path):
     assert loaded.categories[1] == "person" and loaded.eval_size == 128
     images = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:2]
     records = predict_images(loaded, images, tmp_path / "pred", threshold=0.0)
-    assert all((tmp_path / "pred" / f"{p.stem}.png").is_file() for p in images)
+    assert all((tmp_path / "pred" / f"{p.stem}.pred.png").is_file() for p in images)
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text()) == records
