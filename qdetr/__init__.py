@@ -5,7 +5,7 @@ The top-level API, grouped by role:
 * quantization: :func:`quantize_model`, :class:`QuantConfig`, :func:`quant_summary`, :func:`calibrate`;
 * distillation: :class:`DistillationLoss`;
 * models: :func:`create_model`, :func:`list_models`, :func:`post_process_object_detection`;
-* model zoo: :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`.
+* model zoo: :func:`resolve_model` (any model source), :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`.
 
 Examples:
     >>> import torch
@@ -21,10 +21,39 @@ Examples:
 
 __version__ = "0.1.0"
 
-from qdetr.distill import DistillationLoss
-from qdetr.models import create_model, list_models, post_process_object_detection
-from qdetr.quant import QuantConfig, calibrate, quant_summary, quantize_model
-from qdetr.zoo import from_pretrained, list_pretrained, save_pretrained
+import importlib
+
+#: Where each top-level name lives. Imported on first use, so ``import qdetr.models`` (or
+#: ``qdetr.quant``) loads only that package and what it needs, never the zoo.
+_EXPORTS = {
+    "quantize_model": "qdetr.quant",
+    "QuantConfig": "qdetr.quant",
+    "quant_summary": "qdetr.quant",
+    "calibrate": "qdetr.quant",
+    "DistillationLoss": "qdetr.distill",
+    "create_model": "qdetr.models",
+    "list_models": "qdetr.models",
+    "post_process_object_detection": "qdetr.models",
+    "from_pretrained": "qdetr.zoo",
+    "resolve_model": "qdetr.zoo",
+    "list_pretrained": "qdetr.zoo",
+    "save_pretrained": "qdetr.zoo",
+}
+
+
+def __getattr__(name: str):
+    """Top-level names, imported from their package on first use (see ``_EXPORTS``)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qdetr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "__version__",
@@ -40,6 +69,7 @@ __all__ = [
     "list_models",
     "post_process_object_detection",
     # model zoo
+    "resolve_model",
     "from_pretrained",
     "list_pretrained",
     "save_pretrained",

@@ -5,8 +5,14 @@ Examples::
     qdetr demo --out outputs/demo
     qdetr train configs/w4_distill.yaml --set optim.lr=2e-4
     torchrun --nproc_per_node=2 -m qdetr train run.yaml
-    qdetr eval runs/w4/model_final.pt --images coco/val2017 --ann coco/annotations/instances_val2017.json
-    qdetr predict runs/w4/model_final.pt img1.jpg img2.jpg --out predictions/
+    qdetr train --output-dir runs/float
+    qdetr train --output-dir runs/w4 --bits 4 --distill --float-checkpoint runs/float
+    qdetr eval runs/w4 --images coco/val2017 --ann coco/annotations/instances_val2017.json
+    qdetr predict runs/w4 img1.jpg img2.jpg --out predictions/
+
+Every argument that names a model (``--float-checkpoint``, ``--teacher``, ``eval MODEL``,
+``predict MODEL``) accepts a run folder, a ``save_pretrained`` folder, a model or checkpoint
+file, a release ``.pth``, a zoo name or a Hub id (:func:`qdetr.zoo.resolve_model`).
 
 argparse lives only here; the library takes dataclass configs.
 """
@@ -20,6 +26,9 @@ import sys
 from pathlib import Path
 
 __all__ = ["build_parser", "main"]
+
+
+_MODEL_HELP = "a run folder, save_pretrained folder, model/checkpoint file, release .pth, zoo name or Hub id"
 
 
 def _add_train(subparsers) -> None:
@@ -37,7 +46,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--bits", type=int, help="quantize to this bit width (QAT); omit for float")
-    p.add_argument("--float-checkpoint", help="float weights to start QAT from")
+    p.add_argument("--float-checkpoint", help="float weights to start QAT from (a float run folder, ...)")
     p.add_argument("--distill", action="store_true", help="add Q-DETR distillation (needs a teacher)")
     p.add_argument("--teacher", help="teacher float weights (default: --float-checkpoint)")
     p.add_argument("--two-stage", type=int, metavar="STAGE1_EPOCHS", help="paper's two-stage recipe")
@@ -52,7 +61,7 @@ def _add_train(subparsers) -> None:
 
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="COCO box AP of a model with pycocotools")
-    p.add_argument("model", help="model_final.pt, a run folder or a save_pretrained folder")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--ann", required=True, help="COCO instances JSON")
     p.add_argument("--eval-size", type=int, help="short side (default: the model's)")
@@ -67,7 +76,7 @@ def _add_eval(subparsers) -> None:
 
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="draw detections on images and write JSON")
-    p.add_argument("model", help="model_final.pt, a run folder or a save_pretrained folder")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder (<image stem>.pred.png per image + predictions.json)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run (never an input image)")
@@ -164,12 +173,13 @@ def _cmd_eval(args) -> int:
     from qdetr.engine.predict import load_model_for_inference
 
     loaded = load_model_for_inference(args.model)
-    eval_size = args.eval_size or loaded.eval_size
-    max_size = args.max_size if args.max_size is not None else loaded.max_size
+    pre = loaded.preprocessing
+    eval_size = args.eval_size or pre.shortest_edge
+    max_size = args.max_size if args.max_size is not None else pre.longest_edge
     if max_size is not None and max_size <= eval_size:
         max_size = None
     transforms = TransformConfig(
-        train_scales=(eval_size,), eval_size=eval_size, max_size=max_size, mean=loaded.mean, std=loaded.std
+        train_scales=(eval_size,), eval_size=eval_size, max_size=max_size, mean=pre.image_mean, std=pre.image_std
     )
     dataset = CocoDetectionDataset(
         args.images, args.ann, make_eval_transforms(transforms), missing_images=args.missing_images

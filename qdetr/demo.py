@@ -154,13 +154,13 @@ def _train_and_pack(args: tuple[dict, str, dict, int]) -> dict:
     """Worker: trains one config, saves the packed model; returns a plain-data summary."""
     config_dict, packed_dir, meta, num_threads = args
     torch.set_num_threads(num_threads)
-    from qdetr.engine.model_files import load_model_file
     from qdetr.engine.trainer import Trainer
+    from qdetr.zoo.hub import save_pretrained
+    from qdetr.zoo.resolve import resolve_model
 
     config = TrainConfig.from_dict(config_dict)
     result = Trainer(config).fit()
-    model, file_meta = load_model_file(result.model_path)
-    from qdetr.zoo.hub import save_pretrained
+    model = resolve_model(result.output_dir)  # the run folder is the model (labels and preprocessing included)
 
     metrics = {
         "synthetic_val_box_ap": {"value": result.eval.ap, "eval_batch_size": result.eval.eval_batch_size},
@@ -168,8 +168,7 @@ def _train_and_pack(args: tuple[dict, str, dict, int]) -> dict:
     save_pretrained(
         model,
         packed_dir,
-        id2label=file_meta["categories"],
-        provenance={"recipe": "qdetr demo", "preprocessing": file_meta.get("preprocessing", {}), **meta},
+        provenance={"recipe": "qdetr demo", **meta},
         metrics=metrics,
         name=meta.get("name"),
     )
@@ -318,7 +317,7 @@ def run_demo(config: DemoConfig | None = None, echo: Callable[[str], None] | Non
     val_images = sorted((out / "data" / "val" / "images").iterdir())[: config.predict_images]
     picture_models = [("float", teacher_path)]
     for bits in config.bits:
-        picture_models.append((f"{bits}-bit Q-DETR", str(out / "runs" / f"w{bits}a{bits}_qdetr" / "model_final.pt")))
+        picture_models.append((f"{bits}-bit Q-DETR", str(out / "runs" / f"w{bits}a{bits}_qdetr")))
     picture = _prediction_picture(picture_models, val_images, out / "predictions.png")
 
     # 7. table

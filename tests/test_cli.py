@@ -25,14 +25,15 @@ def trained(tmp_path_factory):
 
 def test_train_writes_model_checkpoint_and_config(trained):
     run = trained / "run"
-    assert (run / "model_final.pt").is_file() and (run / "checkpoint.pt").is_file()
+    assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoint.pt").is_file()
+    assert json.loads((run / "model" / "config.json").read_text())["library_name"] == "qdetr"
     saved = json.loads((run / "config.json").read_text())
     assert saved["optim"]["lr"] == 3e-4 and saved["max_steps"] == 1
 
 
 def test_predict_draws_boxes_and_writes_json(trained, tmp_path, capsys):
     images = sorted((trained / "data" / "val" / "images").iterdir())[:2]
-    code = main(["predict", str(trained / "run" / "model_final.pt"), *map(str, images), "--out", str(tmp_path), "--threshold", "0"])
+    code = main(["predict", str(trained / "run" / "model"), *map(str, images), "--out", str(tmp_path), "--threshold", "0"])
     assert code == 0
     records = json.loads((tmp_path / "predictions.json").read_text())
     assert [r["image"] for r in records] == [str(p) for p in images]
@@ -88,13 +89,10 @@ def test_demo_quick_writes_table_picture_and_packed_models(tmp_path, capsys):
     assert (tmp_path / "table.md").read_text().count("|") > 30
 
 
-def test_predict_from_a_save_pretrained_folder_matches_the_model_file(trained, tmp_path):
-    from qdetr.engine.model_files import load_model_file
-    from qdetr.zoo.hub import save_pretrained
+def test_predict_from_a_save_pretrained_folder_matches_the_run_folder(trained, tmp_path):
+    from qdetr.zoo import resolve_model, save_pretrained
 
-    model, meta = load_model_file(trained / "run" / "model_final.pt")
-    save_pretrained(model, tmp_path / "packed", id2label=meta["categories"],
-                    provenance={"preprocessing": meta["preprocessing"]})
+    save_pretrained(resolve_model(trained / "run"), tmp_path / "packed")  # labels and preprocessing carried over
     images = [str(p) for p in sorted((trained / "data" / "val" / "images").iterdir())[:2]]
     assert main(["predict", str(tmp_path / "packed"), *images, "--out", str(tmp_path / "a"), "--threshold", "0"]) == 0
     assert main(["predict", str(trained / "run"), *images, "--out", str(tmp_path / "b"), "--threshold", "0"]) == 0

@@ -11,7 +11,13 @@ from qdetr.distill.adapters import (
     get_co_attn_features,
     get_pred_boxes,
 )
-from qdetr.distill.alignment import DistributionAlignment, insert_distribution_alignment
+from qdetr.distill.alignment import (
+    ALIGNMENT_BY_PROFILE,
+    DistributionAlignment,
+    alignment_slots,
+    insert_distribution_alignment,
+    restore_alignment_slots,
+)
 from qdetr.distill.config import DistillationConfig
 from qdetr.distill.fqm import (
     match_teacher_queries,
@@ -29,6 +35,9 @@ __all__ = [
     # distribution alignment (inner level)
     "DistributionAlignment",
     "insert_distribution_alignment",
+    "ALIGNMENT_BY_PROFILE",
+    "alignment_slots",
+    "restore_alignment_slots",
     # foreground-aware query matching (upper level)
     "stack_target_boxes",
     "select_foreground_queries",

@@ -12,6 +12,10 @@ checkpoints do; the default is the biased estimator.
 model's decoder attention (:class:`qdetr.layers.MultiheadAttention` or any attention module
 with a ``q_align`` slot): ``where="cross"`` is the paper's co-attention query (paper profile),
 ``where="self"`` the decoder self-attention query (released checkpoints, seed profile).
+:data:`ALIGNMENT_BY_PROFILE` is the one definition of the slot (and variance estimator) of
+each bit profile; the model builder (:func:`qdetr.models.build_qdetr_smca`), the trainer and
+the loaders all place DA through this module (``profile=`` or the recorded
+:func:`alignment_slots`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["DistributionAlignment", "insert_distribution_alignment"]
+__all__ = [
+    "ALIGNMENT_BY_PROFILE",
+    "DistributionAlignment",
+    "insert_distribution_alignment",
+    "alignment_slots",
+    "restore_alignment_slots",
+]
+
+#: Where each bit profile puts distribution alignment: ``(where, unbiased)``. The paper puts it
+#: on the co-attention (decoder cross-attention) query with the biased variance; the released
+#: checkpoints ("seed") on the decoder self-attention query with the unbiased variance.
+ALIGNMENT_BY_PROFILE: dict[str, tuple[str, bool]] = {"paper": ("cross", False), "seed": ("self", True)}
 
 _ATTENTION_NAMES = {
     # decoder cross-attention: facebookresearch/detr and qdetr / Hugging Face
@@ -90,10 +105,11 @@ def _reference_tensor(attention: nn.Module) -> torch.Tensor | None:
 
 def insert_distribution_alignment(
     model: nn.Module,
-    where: str = "cross",
-    unbiased: bool = False,
+    where: str | None = None,
+    unbiased: bool | None = None,
     *,
     eps: float = 1e-5,
+    profile: str | None = None,
 ) -> list[str]:
     """Put a :class:`DistributionAlignment` into the ``q_align`` slot of every decoder attention.
 
@@ -105,9 +121,13 @@ def insert_distribution_alignment(
     Args:
         model: the detector, modified in place.
         where: ``"cross"`` (decoder ``multihead_attn`` / ``encoder_attn``, the paper's
-            co-attention query) or ``"self"`` (decoder ``self_attn``, the released checkpoints).
-        unbiased: unbiased variance (released checkpoints) instead of the biased one.
+            co-attention query) or ``"self"`` (decoder ``self_attn``, the released checkpoints);
+            default: from ``profile``, else ``"cross"``.
+        unbiased: unbiased variance (released checkpoints) instead of the biased one;
+            default: from ``profile``, else False.
         eps: variance epsilon.
+        profile: a bit profile (``"paper"`` or ``"seed"``): takes ``where`` and ``unbiased``
+            from :data:`ALIGNMENT_BY_PROFILE`; cannot be combined with them.
 
     Returns:
         Names of the attention modules that received DA, in module order.
@@ -126,7 +146,23 @@ def insert_distribution_alignment(
         >>> out = model(torch.randn(1, 3, 64, 64))
         >>> out["pred_boxes"].shape                          # (B, Q, 4) normalised cxcywh
         torch.Size([1, 10, 4])
+
+        The released checkpoints' placement, by profile:
+
+        >>> seed_model = qdetr.create_model("detr_tiny")
+        >>> insert_distribution_alignment(seed_model, profile="seed")[0]
+        'transformer.decoder.layers.0.self_attn'
+        >>> seed_model.transformer.decoder.layers[0].self_attn.q_align.unbiased
+        True
     """
+    if profile is not None:
+        if profile not in ALIGNMENT_BY_PROFILE:
+            raise ValueError(f"profile must be one of {sorted(ALIGNMENT_BY_PROFILE)}, got {profile!r}")
+        if where is not None or unbiased is not None:
+            raise ValueError("pass either profile= or where=/unbiased=, not both")
+        where, unbiased = ALIGNMENT_BY_PROFILE[profile]
+    where = "cross" if where is None else where
+    unbiased = bool(unbiased)
     if where not in _ATTENTION_NAMES:
         raise ValueError(f"where must be 'cross' (paper) or 'self' (released checkpoints), got {where!r}")
     pattern = re.compile(r"(?:^|\.)decoder\.(?:.*\.)?(?:" + "|".join(_ATTENTION_NAMES[where]) + r")$")
@@ -155,3 +191,51 @@ def insert_distribution_alignment(
             align = align.to(device=ref.device, dtype=ref.dtype)
         module.q_align = align
     return [name for name, _ in targets]
+
+
+def alignment_slots(model: nn.Module) -> list[dict]:
+    """The attention modules whose ``q_align`` slot holds DA, as recorded in a model's ``config.json``.
+
+    Returns:
+        ``[{"module": qualified name, "head_dim", "eps", "unbiased"}, ...]`` in module order.
+
+    Examples:
+        >>> import qdetr
+        >>> model = qdetr.create_model("detr_tiny")
+        >>> _ = insert_distribution_alignment(model, profile="paper")
+        >>> alignment_slots(model)[0]
+        {'module': 'transformer.decoder.layers.0.multihead_attn', 'head_dim': 8, 'eps': 1e-05, 'unbiased': False}
+    """
+    slots = []
+    for name, module in model.named_modules():
+        align = getattr(module, "q_align", None)
+        if isinstance(align, DistributionAlignment):
+            slots.append({"module": name, "head_dim": align.head_dim, "eps": align.eps, "unbiased": align.unbiased})
+    return slots
+
+
+def restore_alignment_slots(model: nn.Module, slots: list[dict]) -> list[str]:
+    """Place DA modules where :func:`alignment_slots` recorded them (loading a saved model).
+
+    Raises:
+        ValueError: when a recorded module is missing or has no ``q_align`` slot.
+
+    Examples:
+        >>> import qdetr
+        >>> source = qdetr.create_model("detr_tiny")
+        >>> _ = insert_distribution_alignment(source, profile="seed")
+        >>> target = qdetr.create_model("detr_tiny")
+        >>> restore_alignment_slots(target, alignment_slots(source)) == [s["module"] for s in alignment_slots(source)]
+        True
+    """
+    names = []
+    for slot in slots:
+        try:
+            attention = model.get_submodule(slot["module"])
+        except AttributeError as err:
+            raise ValueError(f"recorded alignment slot {slot['module']!r} is not a module of {type(model).__name__}") from err
+        if not hasattr(attention, "q_align"):
+            raise ValueError(f"{slot['module']} has no q_align slot for distribution alignment")
+        attention.q_align = DistributionAlignment(int(slot["head_dim"]), eps=float(slot["eps"]), unbiased=bool(slot["unbiased"]))
+        names.append(slot["module"])
+    return names

@@ -17,7 +17,6 @@ from qdetr.engine.evaluate import (
     detections_to_coco_json,
     evaluate_coco,
 )
-from qdetr.engine.model_files import load_model_file, save_model_file
 from qdetr.engine.trainer import Trainer, TrainResult, build_datasets, train
 
 __all__ = [
@@ -43,6 +42,13 @@ __all__ = [
     # files
     "save_checkpoint_atomic",
     "load_checkpoint",
-    "save_model_file",
-    "load_model_file",
 ]
+
+
+def __getattr__(name: str):
+    """Deprecated aliases: ``load_model_file`` / ``save_model_file`` (use :func:`qdetr.zoo.resolve_model`)."""
+    if name in ("load_model_file", "save_model_file"):
+        from qdetr.engine import model_files
+
+        return getattr(model_files, name)
+    raise AttributeError(f"module 'qdetr.engine' has no attribute {name!r}")

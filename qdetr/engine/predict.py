@@ -1,15 +1,15 @@
 """Inference on image files: detections drawn on the images (PNG) plus a JSON summary.
 
-Models are read from:
-
-* a model file written by the trainer (``model_final.pt``) or a run folder holding one;
-* a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``, :mod:`qdetr.zoo`).
+Models come from :func:`qdetr.zoo.resolve_model` (a run folder, a ``save_pretrained`` folder,
+``model_final.pt``, ``checkpoint.pt``, a release ``.pth``, a zoo name or a Hub id); images are
+preprocessed with :func:`qdetr.models.preprocess_images` and the model's recorded
+:class:`qdetr.models.PreprocessingConfig`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from qdetr.atomic_write import atomic_path
 from qdetr.engine.prediction_outputs import prediction_output_paths
 from qdetr.image_io import read_rgb_image
 
-from qdetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from qdetr.models.preprocessing import PreprocessingConfig
 
 __all__ = ["LoadedModel", "load_model_for_inference", "predict_images"]
 
@@ -31,94 +31,65 @@ _PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference with its labels and image sizes.
+    """A model ready for inference with its labels and image preprocessing.
 
     Attributes:
         model: the detector in eval mode.
         categories: category id -> name.
-        eval_size: short side the model expects.
-        max_size: cap on the long side (None = no cap).
-        mean, std: normalisation.
+        preprocessing: resize and normalisation the model expects.
 
     Examples:
         >>> import qdetr
         >>> from qdetr.engine.predict import LoadedModel
+        >>> from qdetr.models import PreprocessingConfig
         >>> model = qdetr.create_model("detr_tiny").eval()
-        >>> loaded = LoadedModel(model=model, categories={1: "rectangle"}, eval_size=64)
-        >>> loaded.max_size, loaded.mean
+        >>> loaded = LoadedModel(model=model, categories={1: "rectangle"},
+        ...                      preprocessing=PreprocessingConfig(shortest_edge=64))
+        >>> loaded.preprocessing.longest_edge, loaded.preprocessing.image_mean
         (1333, (0.485, 0.456, 0.406))
     """
 
     model: nn.Module
     categories: dict[int, str]
-    eval_size: int = 800
-    max_size: int | None = 1333
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
 
 
-def load_model_for_inference(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Loads a trainer model file, a run folder or a ``save_pretrained`` folder.
+def load_model_for_inference(source: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Resolves ``source`` to a model (:func:`qdetr.zoo.resolve_model`) with its labels and preprocessing.
 
     Args:
-        path: ``model_final.pt``, a run folder holding one, or a ``save_pretrained`` folder.
+        source: a run folder, a ``save_pretrained`` folder, a model or checkpoint file, a
+            release ``.pth``, a zoo name or a Hub id.
         map_location: device the model is loaded to.
 
     Returns:
-        The model in eval mode with its categories and preprocessing sizes.
+        The model in eval mode with its categories and the preprocessing recorded with it
+        (800/1333 and ImageNet normalisation when none is recorded).
 
     Raises:
-        FileNotFoundError: when nothing loadable is at ``path`` (the message lists what was tried).
+        FileNotFoundError: when nothing loadable is at ``source`` (the message says what is missing).
 
     Examples:
         >>> import tempfile
         >>> from pathlib import Path
-        >>> from qdetr.engine import save_model_file
-        >>> from qdetr.engine.model_files import build_model
+        >>> from qdetr.models import PreprocessingConfig, create_model
         >>> from qdetr.engine.predict import load_model_for_inference
         >>> with tempfile.TemporaryDirectory() as run_dir:
-        ...     _ = save_model_file(
-        ...         Path(run_dir) / "model_final.pt", build_model("detr_tiny", 5), model_name="detr_tiny",
-        ...         model_config={}, num_classes=5, quant=None, alignment=False, categories={1: "rectangle"},
-        ...         preprocessing={"eval_size": 64, "max_size": None},
-        ...     )
+        ...     _ = create_model("detr_tiny", num_classes=5).save_pretrained(
+        ...         Path(run_dir) / "model", id2label={1: "rectangle"},
+        ...         preprocessing=PreprocessingConfig(shortest_edge=64, longest_edge=None))
         ...     loaded = load_model_for_inference(run_dir)  # the run folder is enough
-        >>> loaded.eval_size, loaded.max_size, loaded.categories, loaded.model.training
-        (64, None, {1: 'rectangle'}, False)
+        >>> loaded.preprocessing.shortest_edge, loaded.categories, loaded.model.training
+        (64, {1: 'rectangle'}, False)
     """
-    from qdetr.engine.model_files import load_model_file
+    from qdetr.zoo.prediction import recorded_preprocessing
+    from qdetr.zoo.resolve import resolve_model
 
-    path = Path(path)
-    if path.is_dir() and (path / "model_final.pt").is_file():
-        path = path / "model_final.pt"
-    if path.is_file():
-        model, meta = load_model_file(path, map_location=map_location)
-        pre = meta.get("preprocessing") or {}
-        return LoadedModel(
-            model=model,
-            categories={int(k): v for k, v in meta.get("categories", {}).items()},
-            eval_size=int(pre.get("eval_size", 800)),
-            max_size=pre.get("max_size", 1333),
-            mean=tuple(pre.get("mean", IMAGENET_MEAN)),
-            std=tuple(pre.get("std", IMAGENET_STD)),
-        )
-    if path.is_dir() and (path / "config.json").is_file():
-        from qdetr.zoo.hub import load_pretrained_dir
-
-        model = load_pretrained_dir(path, device=map_location)
-        config = getattr(model, "qdetr_pretrained_config", {}) or {}
-        pre = config.get("preprocessing") or (config.get("provenance") or {}).get("preprocessing") or {}
-        return LoadedModel(
-            model=model,
-            categories={int(k): v for k, v in (getattr(model, "id2label", None) or {}).items()},
-            eval_size=int(pre.get("eval_size", 800)),
-            max_size=pre.get("max_size", 1333),
-            mean=tuple(pre.get("mean", IMAGENET_MEAN)),
-            std=tuple(pre.get("std", IMAGENET_STD)),
-        )
-    raise FileNotFoundError(
-        f"no model at {path}: expected a model_final.pt written by `qdetr train`, a run folder holding one, "
-        "or a save_pretrained folder with config.json"
+    model = resolve_model(source, device=map_location)
+    return LoadedModel(
+        model=model,
+        categories={int(k): v for k, v in (getattr(model, "id2label", None) or {}).items()},
+        preprocessing=recorded_preprocessing(model),
     )
 
 
@@ -171,7 +142,9 @@ def predict_images(
         >>> import qdetr
         >>> from qdetr.data import SyntheticShapesConfig, render_synthetic_sample
         >>> from qdetr.engine.predict import LoadedModel, predict_images
-        >>> loaded = LoadedModel(model=qdetr.create_model("detr_tiny"), categories={1: "rectangle"}, eval_size=64)
+        >>> from qdetr.models import PreprocessingConfig
+        >>> loaded = LoadedModel(model=qdetr.create_model("detr_tiny"), categories={1: "rectangle"},
+        ...                      preprocessing=PreprocessingConfig(shortest_edge=64))
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     image_path = Path(tmp) / "shapes.png"
         ...     render_synthetic_sample(0, SyntheticShapesConfig(image_size=64)).image.save(image_path)
@@ -184,7 +157,7 @@ def predict_images(
         >>> len(detections) > 0, sorted(detections[0])
         (True, ['box_xyxy', 'category_id', 'label', 'score'])
     """
-    from qdetr.models import post_process_object_detection
+    from qdetr.models import post_process_object_detection, preprocess_images
 
     out_dir = Path(out_dir)
     image_paths = [Path(p) for p in image_paths]
@@ -198,11 +171,8 @@ def predict_images(
     for image_path, output in zip(image_paths, output_paths):
         rgb = TF.pil_to_tensor(read_rgb_image(image_path))  # (3, H, W) uint8; 16-bit files scaled
         height, width = rgb.shape[-2:]
-        resized = TF.resize(rgb, size=loaded.eval_size, max_size=loaded.max_size, antialias=True)
-        pixel_values = TF.normalize(TF.to_dtype(resized, torch.float32, scale=True), list(loaded.mean), list(loaded.std))
-        pixel_values = pixel_values.unsqueeze(0).to(device)
-        pixel_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.int64, device=device)
-        outputs = model(pixel_values, pixel_mask)
+        batch = preprocess_images([rgb], loaded.preprocessing)
+        outputs = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
         result = post_process_object_detection(
             outputs, threshold=threshold, target_sizes=torch.tensor([[height, width]], device=device)
         )[0]

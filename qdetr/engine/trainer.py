@@ -47,13 +47,7 @@ from qdetr.engine.checkpoint import capture_rng_state, load_checkpoint, restore_
 from qdetr.engine.config import TrainConfig
 from qdetr.engine.distributed import DistributedContext, init_distributed
 from qdetr.engine.evaluate import CocoEvalResult, evaluate_coco
-from qdetr.engine.model_files import (
-    apply_quantization,
-    build_model,
-    load_state_dict_checked,
-    read_state_dict,
-    save_model_file,
-)
+from qdetr.zoo.run_files import RUN_CHECKPOINT_NAME, RUN_MODEL_DIR, load_state_dict_checked, read_state_dict
 from qdetr.engine.optim import build_param_groups
 from qdetr.engine.run_log import RunLog, plot_curves
 
@@ -61,8 +55,9 @@ __all__ = ["Trainer", "TrainResult", "build_datasets", "train"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-MODEL_FILE_NAME = "model_final.pt"
+CHECKPOINT_NAME = RUN_CHECKPOINT_NAME
+#: The final model: a ``save_pretrained`` directory inside the run folder (see :mod:`qdetr.zoo.run_files`).
+MODEL_DIR_NAME = RUN_MODEL_DIR
 
 
 @dataclass
@@ -71,7 +66,7 @@ class TrainResult:
 
     Attributes:
         output_dir: the run folder.
-        model_path: the final model file (``model_final.pt``).
+        model_path: the final model, a ``save_pretrained`` directory (``<output_dir>/model``).
         global_step: optimisation steps done in total.
         epochs_done: completed epochs.
         eval: final COCO evaluation (None when skipped).
@@ -81,7 +76,7 @@ class TrainResult:
     Examples:
         >>> from pathlib import Path
         >>> from qdetr.engine import TrainResult
-        >>> result = TrainResult(output_dir=Path("runs/fp"), model_path=Path("runs/fp/model_final.pt"),
+        >>> result = TrainResult(output_dir=Path("runs/fp"), model_path=Path("runs/fp/model"),
         ...                      global_step=100, epochs_done=1)
         >>> result.eval is None, result.losses
         (True, {})
@@ -190,8 +185,8 @@ class Trainer:
         ...     result = Trainer(TrainConfig.from_dict({**tiny, "output_dir": tmp})).fit()
         ...     files = sorted(p.name for p in result.output_dir.iterdir())
         >>> result.global_step, result.model_path.name, len(result.eval.stats)
-        (1, 'model_final.pt', 12)
-        >>> {"checkpoint.pt", "config.json", "log.jsonl", "model_final.pt"} <= set(files)
+        (1, 'model', 12)
+        >>> {"checkpoint.pt", "config.json", "log.jsonl", "model"} <= set(files)
         True
     """
 
@@ -213,16 +208,35 @@ class Trainer:
         keep_float = quant.stage1_keep_float if (quant.two_stage and stage == 1) else ()
         return QuantConfig(bits=quant.bits, attn_bits=quant.attn_bits, profile=quant.profile, keep_float=keep_float)
 
+    def _float_model(self, spec) -> nn.Module:
+        """The float detector of a ``ModelConfig`` for this run's ``num_classes``."""
+        from qdetr.models import create_model
+
+        return create_model(spec.name, num_classes=self.num_classes, **dict(spec.overrides))
+
+    def _quantize(self, model: nn.Module, stage: int) -> nn.Module:
+        """Quantize ``model`` for ``stage`` and place distribution alignment where the profile says."""
+        quant = self._quant_config(stage)
+        if quant is not None:
+            from qdetr.quant import quantize_model
+
+            quantize_model(model, config=quant)
+        if self.config.distill.use_alignment and stage == 2:
+            from qdetr.distill.alignment import insert_distribution_alignment
+
+            insert_distribution_alignment(model, profile=quant.profile)
+        return model
+
     def _build_student(self, stage: int) -> nn.Module:
         cfg = self.config
-        model = build_model(cfg.model.name, self.num_classes, cfg.model.overrides)
+        model = self._float_model(cfg.model)
         self._unfreeze_backbone(model)
         if cfg.quant.bits is not None and cfg.quant.float_checkpoint:
             load_state_dict_checked(
                 model, read_state_dict(cfg.quant.float_checkpoint), source=f"float checkpoint {cfg.quant.float_checkpoint}"
             )
         quant = self._quant_config(stage)
-        apply_quantization(model, quant, alignment=cfg.distill.use_alignment and stage == 2)
+        self._quantize(model, stage)
         if quant is not None:
             self._select_quant_kernels(model)
         return model.to(self.ctx.device)
@@ -249,7 +263,7 @@ class Trainer:
         from qdetr.distill import FrozenTeacher
 
         spec = cfg.distill.teacher_model or cfg.model
-        teacher = build_model(spec.name, self.num_classes, spec.overrides)
+        teacher = self._float_model(spec)
         path = cfg.distill.teacher_checkpoint or cfg.quant.float_checkpoint
         load_state_dict_checked(teacher, read_state_dict(path), source=f"teacher checkpoint {path}")
         return FrozenTeacher(teacher.to(self.ctx.device))
@@ -312,9 +326,9 @@ class Trainer:
     def _stage_transition(self, epoch: int) -> None:
         """Stage 1 -> 2: rebuild fully quantized, carry stage-1 state over, calibrate new quantizers."""
         old_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        model = build_model(self.config.model.name, self.num_classes, self.config.model.overrides)
+        model = self._float_model(self.config.model)
         self._unfreeze_backbone(model)
-        apply_quantization(model, self._quant_config(2), alignment=self.config.distill.use_alignment)
+        self._quantize(model, 2)
         model = model.to(self.ctx.device)
         new_state = model.state_dict()
         unexpected = sorted(set(old_state) - set(new_state))
@@ -344,28 +358,41 @@ class Trainer:
             "stage": self.stage,
             "config": self.config.to_dict(),
             "num_classes": self.num_classes,
+            "model_spec": self._model_spec(),
         }
         save_checkpoint_atomic(state, self.output_dir / CHECKPOINT_NAME)
 
+    def _preprocessing(self):
+        """The inference preprocessing matching this run's evaluation transforms."""
+        from qdetr.models.preprocessing import PreprocessingConfig
+
+        transforms = self.config.data.transforms
+        return PreprocessingConfig(
+            shortest_edge=transforms.eval_size,
+            longest_edge=transforms.max_size,
+            image_mean=tuple(transforms.mean),
+            image_std=tuple(transforms.std),
+        )
+
+    def _model_spec(self) -> dict:
+        """The model's ``config.json`` dict (structure, labels, preprocessing), stored in checkpoints."""
+        from qdetr.zoo.hub import model_config_dict
+
+        return model_config_dict(
+            self.model, id2label=self.train_ds.category_names, preprocessing=self._preprocessing(),
+            provenance={"recipe": "qdetr train", "run": str(self.output_dir)},
+        )
+
     def _save_model_file(self) -> Path | None:
+        """Write the final model as a ``save_pretrained`` directory, ``<output_dir>/model``."""
         if not self.ctx.is_main:
             return None
-        quant = self._quant_config(self.stage)
-        return save_model_file(
-            self.output_dir / MODEL_FILE_NAME,
-            self.model,
-            model_name=self.config.model.name,
-            model_config=self.config.model.overrides,
-            num_classes=self.num_classes,
-            quant=quant.to_dict() if quant is not None else None,
-            alignment=self.config.distill.use_alignment and self.stage == 2,
-            categories=self.train_ds.category_names,
-            preprocessing={
-                "eval_size": self.config.data.transforms.eval_size,
-                "max_size": self.config.data.transforms.max_size,
-                "mean": list(self.config.data.transforms.mean),
-                "std": list(self.config.data.transforms.std),
-            },
+        from qdetr.zoo.hub import save_pretrained
+
+        spec = self._model_spec()
+        return save_pretrained(
+            self.model, self.output_dir / MODEL_DIR_NAME, id2label=self.train_ds.category_names,
+            provenance=spec["provenance"], preprocessing=self._preprocessing(),
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -421,7 +448,7 @@ class Trainer:
         Examples:
             >>> result = Trainer(TrainConfig(output_dir="runs/fp", epochs=50)).fit()  # doctest: +SKIP
             >>> result.model_path  # doctest: +SKIP
-            PosixPath('runs/fp/model_final.pt')
+            PosixPath('runs/fp/model')
         """
         cfg = self.config
         t0 = time.time()

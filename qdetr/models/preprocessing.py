@@ -14,7 +14,9 @@ float in [0, 1], or ``numpy.ndarray`` (H, W, 3) uint8.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -76,6 +78,55 @@ class PreprocessingConfig:
             )
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError("image_mean and image_std need 3 values each, with std > 0")
+        object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
+
+    #: Spellings of qdetr 0.1 run files (``eval_size/max_size/mean/std``) -> field names.
+    LEGACY_NAMES: ClassVar[dict[str, str]] = {
+        "eval_size": "shortest_edge", "max_size": "longest_edge", "mean": "image_mean", "std": "image_std",
+    }
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (the ``preprocessing`` entry of a model's ``config.json``).
+
+        Examples:
+            >>> from qdetr.models import PreprocessingConfig
+            >>> PreprocessingConfig(shortest_edge=64, longest_edge=None).to_dict()["longest_edge"] is None
+            True
+        """
+        return {
+            "shortest_edge": self.shortest_edge,
+            "longest_edge": self.longest_edge,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessingConfig":
+        """Build from :meth:`to_dict` output; the qdetr 0.1 names ``eval_size``, ``max_size``,
+        ``mean``, ``std`` are read too.
+
+        Raises:
+            ValueError: for an unknown key (the message lists the valid ones).
+
+        Examples:
+            >>> from qdetr.models import PreprocessingConfig
+            >>> PreprocessingConfig.from_dict({"eval_size": 64, "max_size": None}).shortest_edge
+            64
+            >>> PreprocessingConfig.from_dict({"size": 64})
+            Traceback (most recent call last):
+            ...
+            ValueError: unknown preprocessing key(s) ['size']; valid: ['do_resize', 'image_mean', 'image_std', 'longest_edge', 'shortest_edge']
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in dict(data).items():
+            key = cls.LEGACY_NAMES.get(key, key)
+            if key not in names:
+                raise ValueError(f"unknown preprocessing key(s) {[key]}; valid: {sorted(names)}")
+            kwargs[key] = value
+        return cls(**kwargs)
 
 
 def resized_size_hw(height: int, width: int, shortest_edge: int, longest_edge: int | None) -> tuple[int, int]:

@@ -7,7 +7,8 @@
 2. places :class:`qdetr.distill.alignment.DistributionAlignment` (``head_dim``) in the
    ``q_align`` slot of every decoder **self**-attention (``"seed"`` profile, unbiased variance
    as in the released checkpoints) or every decoder **cross**-attention (``"paper"``
-   profile, biased variance);
+   profile, biased variance), as :data:`qdetr.distill.alignment.ALIGNMENT_BY_PROFILE` says
+   (the trainer and the loaders use the same definition);
 3. calls :func:`qdetr.quant.quantize_model` with ``bits`` and ``profile`` (or a full
    ``QuantConfig``), which decides which layers get which bits.
 """
@@ -21,27 +22,35 @@ from qdetr.models.smca import SmcaDetr
 
 __all__ = ["build_qdetr_smca", "place_distribution_alignment", "PROFILES_DA_SLOT"]
 
-#: Which decoder attention gets distribution alignment in each profile.
+#: Which decoder attention gets distribution alignment in each profile (derived from
+#: :data:`qdetr.distill.alignment.ALIGNMENT_BY_PROFILE`, the one definition; kept for
+#: compatibility).
 PROFILES_DA_SLOT = {"seed": "self_attn", "paper": "multihead_attn"}
 
 
 def place_distribution_alignment(model: SmcaDetr, profile: str) -> list[str]:
-    """Put a ``DistributionAlignment`` in the ``q_align`` slot of the decoder attentions of ``profile``.
+    """Deprecated: use ``qdetr.distill.insert_distribution_alignment(model, profile=profile)``.
 
     Returns:
         Qualified names of the attention modules that received one.
-    """
-    from qdetr.distill.alignment import DistributionAlignment
 
-    if profile not in PROFILES_DA_SLOT:
-        raise ValueError(f"profile must be one of {sorted(PROFILES_DA_SLOT)}, got {profile!r}")
-    slot = PROFILES_DA_SLOT[profile]
-    names = []
-    for i, layer in enumerate(model.transformer.decoder.layers):
-        attn = getattr(layer, slot)
-        attn.q_align = DistributionAlignment(attn.head_dim, unbiased=(profile == "seed"))
-        names.append(f"transformer.decoder.layers.{i}.{slot}")
-    return names
+    Examples:
+        >>> from qdetr.models import create_model
+        >>> from qdetr.models.quantized import place_distribution_alignment
+        >>> place_distribution_alignment(create_model("smca_detr_tiny"), "seed")[0]  # doctest: +SKIP
+        'transformer.decoder.layers.0.self_attn'
+    """
+    import warnings
+
+    from qdetr.distill.alignment import insert_distribution_alignment
+
+    warnings.warn(
+        "place_distribution_alignment is deprecated; use qdetr.distill.insert_distribution_alignment(model, "
+        "profile=...)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return insert_distribution_alignment(model, profile=profile)
 
 
 def build_qdetr_smca(
@@ -84,6 +93,7 @@ def build_qdetr_smca(
         >>> out["pred_boxes"].shape
         torch.Size([1, 10, 4])
     """
+    from qdetr.distill.alignment import insert_distribution_alignment
     from qdetr.quant import quantize_model
 
     if not isinstance(config, SmcaConfig):
@@ -91,7 +101,7 @@ def build_qdetr_smca(
     if quant_config is not None:
         profile = quant_config.profile
     model = SmcaDetr(config)
-    place_distribution_alignment(model, profile)
+    insert_distribution_alignment(model, profile=profile)
     if quant_config is not None:
         quantize_model(model, config=quant_config)
     else:

@@ -1,7 +1,13 @@
 """Model zoo: pretrained weights, release-checkpoint conversion, packed low-bit files, Hub.
 
+The zoo owns every model file format on disk: the packed ``save_pretrained`` directory
+(:mod:`qdetr.zoo.hub`), the Q-DETR release layout (:mod:`qdetr.zoo.release`,
+:mod:`qdetr.zoo.release_format`) and the files of a training run (:mod:`qdetr.zoo.run_files`).
+
 Public API:
 
+* :func:`resolve_model`, the one resolver every command uses (run folder, ``save_pretrained``
+  folder, ``model_final.pt`` / ``checkpoint.pt``, release ``.pth``, zoo name, Hub id);
 * :func:`from_pretrained` (zoo name, local directory, release ``.pth``, Hub repo id) and
   :func:`list_pretrained`;
 * :func:`save_pretrained` / :func:`push_to_hub` (packed ``model.safetensors`` +
@@ -19,6 +25,7 @@ from qdetr.zoo.hub import load_from_hub, load_pretrained_dir, push_to_hub, save_
 from qdetr.zoo.packing import pack_codes, unpack_codes
 from qdetr.zoo.prediction import predict
 from qdetr.zoo.pretrained import attach_pretrained_methods, from_pretrained
+from qdetr.zoo.resolve import resolve_model
 from qdetr.zoo.registry import PretrainedEntry, get_pretrained_entry, list_pretrained, register_pretrained
 from qdetr.zoo.release import BitWidthError, load_release_checkpoint
 from qdetr.zoo.release_format import (
@@ -31,6 +38,7 @@ from qdetr.zoo.safe_load import UnsafeCheckpointError, load_checkpoint_file
 
 __all__ = [
     # loading and saving
+    "resolve_model",
     "from_pretrained",
     "list_pretrained",
     "save_pretrained",

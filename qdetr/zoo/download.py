@@ -40,7 +40,7 @@ import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
-from qdetr.errors import ChecksumError, DownloadError, HTMLResponseError, OfflineModeError
+from qdetr.errors import ChecksumError, ConfigError, DownloadError, HTMLResponseError, OfflineModeError
 from qdetr.zoo.cache import default_cache_dir, is_offline, read_json, write_json_atomic
 
 __all__ = [
@@ -60,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable that overrides the Google Drive endpoint (mirrors, tests).
 GDRIVE_ENDPOINT_ENV = "QDETR_GDRIVE_ENDPOINT"
+#: Environment variable that allows plain ``http://`` downloads from non-loopback hosts (``1``).
+ALLOW_HTTP_ENV = "QDETR_ALLOW_HTTP"
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+_HTML_MARKERS = (b"<!doctype", b"<html", b"<head", b"<body", b"<script", b"<meta", b"<title", b"<div", b"<!--")
 _GDRIVE_DEFAULT_ENDPOINT = "https://drive.google.com"
 _GDRIVE_HOSTS = {"drive.google.com", "drive.usercontent.google.com", "docs.google.com"}
 _CHUNK_BYTES = 1 << 20
@@ -105,9 +109,23 @@ def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = _CHUNK_BYTES) -> 
     return digest.hexdigest()
 
 
-def cached_file_path(filename: str, *, subdir: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where :func:`download_url` stores ``filename`` (a user may put a hand-downloaded file here)."""
-    return default_cache_dir(cache_dir) / "downloads" / subdir / filename
+    cached_file_path(filename: str, *, subdir: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`download_url` stores ``filename`` (a user may put a hand-downloaded file here).
+
+    Raises:
+        ConfigError: ``filename`` or ``subdir`` would leave the cache's ``downloads`` folder
+            (absolute paths, ``..``, separators in the file name, NUL bytes).
+    """
+    root = default_cache_dir(cache_dir) / "downloads"
+    if not isinstance(filename, str) or not filename or filename in (".", "..") or any(c in filename for c in "/\\\0"):
+        raise ConfigError(f"cache file name {filename!r} must be a plain file name (no folders, not '.' or '..')")
+    parts = Path(str(subdir)).parts if isinstance(subdir, str) and subdir else ()
+    if not parts or "\0" in subdir or Path(subdir).is_absolute() or any(p in (".", "..") for p in parts) or "\\" in subdir:
+        raise ConfigError(f"cache subdir {subdir!r} must be a relative folder name without '..'")
+    final = root / subdir / filename
+    if not os.path.realpath(final).startswith(os.path.realpath(root) + os.sep):
+        raise ConfigError(f"cache path {final} leaves the cache folder {root} (a symbolic link?); refusing to use it")
+    return final
 
 
 def download_url(
@@ -122,6 +140,7 @@ def download_url(
     timeout: float = 60.0,
     max_attempts: int = 3,
     manual_hint: str | None = None,
+    allow_http: bool = False,
 ) -> Path:
     """Return a verified local copy of ``url``, downloading it into the cache if needed.
 
@@ -138,6 +157,8 @@ def download_url(
         timeout: socket timeout per request, seconds.
         max_attempts: requests tried (each resuming the previous one) before giving up.
         manual_hint: text appended to errors, e.g. the page to download the file by hand.
+        allow_http: accept plain ``http://`` (and redirects to it) from non-loopback hosts;
+            also allowed by ``QDETR_ALLOW_HTTP=1``. Loopback hosts are always allowed.
 
     Returns:
         Path of the verified file in the cache.
@@ -147,7 +168,10 @@ def download_url(
         HTMLResponseError: the server sent an HTML page instead of the file.
         ChecksumError: the SHA-256 does not match (nothing is cached).
         DownloadError: network failure or a transfer that stayed incomplete; the partial
-            ``.part`` file is kept so that the next call resumes it.
+            ``.part`` file is kept so that the next call resumes it. Also: a plain ``http://``
+            URL (or redirect) that was not allowed, and a transfer without ``Content-Length``
+            whose file is visibly truncated (nothing is cached).
+        ConfigError: a ``filename`` or ``subdir`` that would leave the cache.
 
     Examples:
         A file already in the cache (here put there by hand) is verified and returned
@@ -167,7 +191,8 @@ def download_url(
     """
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https"):
-        raise ValueError(f"only http(s) URLs can be downloaded; got {url!r}")
+        raise ConfigError(f"only http(s) URLs can be downloaded; got {url!r}")
+    _check_transport(url, allow_http=allow_http)
     if sha256 is not None:
         sha256 = sha256.lower()
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -195,9 +220,17 @@ def download_url(
     part = final.with_name(final.name + ".part")
     part_meta_path = final.with_name(final.name + ".part.json")
     _fetch_with_resume(url, part, part_meta_path, size=size, gdrive=gdrive, timeout=timeout,
-                       max_attempts=max_attempts, hint=hint)
+                       max_attempts=max_attempts, hint=hint, allow_http=allow_http)
 
     actual_size = part.stat().st_size
+    if size is None and sha256 is None:
+        problem = _truncation_evidence(part, filename)
+        if problem is not None:
+            _discard(part, part_meta_path)
+            raise DownloadError(
+                f"the download of {url} is incomplete: {problem}; the server announced no size and no checksum is "
+                f"known, so the file was deleted and nothing was cached. Retry.{hint}"
+            )
     if size is not None and actual_size != size:
         _discard(part, part_meta_path)
         raise DownloadError(f"downloaded {actual_size} bytes from {url} but expected {size}; nothing was cached.{hint}")
@@ -219,8 +252,62 @@ def download_url(
     os.replace(part, final)
     part_meta_path.unlink(missing_ok=True)
     if sha256 is None:
-        logger.info("recorded SHA-256 %s for %s (no upstream checksum)", digest, filename)
+        logger.warning(
+            "no published SHA-256 for %s: trusting this first download (trust on first use) and pinning SHA-256 %s "
+            "in %s; later uses of the cached file are checked against it", filename, digest, meta_path)
     return final
+
+
+def _check_transport(url: str, *, allow_http: bool) -> None:
+    """Refuse plain ``http://`` to non-loopback hosts unless allowed (``allow_http`` or ``$QDETR_ALLOW_HTTP``)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "https" or (parsed.hostname or "") in _LOOPBACK_HOSTS:
+        return
+    if allow_http or os.environ.get(ALLOW_HTTP_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    raise DownloadError(
+        f"refusing plain http:// for {url}: the bytes could be altered in transit. Use an https:// URL, or pass "
+        f"allow_http=True (or set {ALLOW_HTTP_ENV}=1) if you trust the network"
+    )
+
+
+def _truncation_evidence(path: Path, filename: str) -> str | None:
+    """Why a file whose size nobody announced is visibly cut short, or None when it looks whole.
+
+    PyTorch files (``.pth``/``.pt``/``.bin``/``.ckpt``) are zip archives whose directory sits at
+    the end, or legacy pickles ending with the STOP opcode; a safetensors file must hold the
+    bytes its header declares.
+    """
+    import json
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return "the server sent 0 bytes"
+    suffix = Path(filename).suffix.lower()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, size - 1))
+        last = f.read(1)
+    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        if head.startswith(b"PK"):
+            return None if zipfile.is_zipfile(path) else f"the zip archive ({size} bytes) has no central directory"
+        if head[:1] == b"\x80" and last != b".":
+            return f"the pickle ({size} bytes) does not end with its STOP opcode"
+    elif suffix == ".safetensors":
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 2 or 8 + header_len > size:
+            return f"the safetensors header declares {header_len} bytes but the file has {size}"
+        with open(path, "rb") as f:
+            f.seek(8)
+            try:
+                header = json.loads(f.read(header_len))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return "the safetensors header is not valid JSON"
+        if 8 + header_len + end > size:
+            return f"the safetensors header declares {8 + header_len + end} bytes but the file has {size}"
+    return None
 
 
 def _use_cached(final: Path, meta_path: Path, *, url: str, sha256: str | None, size: int | None,
@@ -273,13 +360,14 @@ def _is_gdrive_url(url: str) -> bool:
 
 
 def _fetch_with_resume(url: str, part: Path, part_meta_path: Path, *, size: int | None, gdrive: bool,
-                       timeout: float, max_attempts: int, hint: str) -> None:
+                       timeout: float, max_attempts: int, hint: str, allow_http: bool = False) -> None:
     """Fill ``part`` with the complete body of ``url``, resuming across attempts and calls."""
     part_meta = read_json(part_meta_path) or {}
     if part.exists() and part_meta.get("url") != url:
         _discard(part, part_meta_path)  # a partial file of another source: never mix bytes
         part_meta = {}
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
+                                         _SafeRedirects(allow_http))
     last_error: Exception | None = None
     for attempt in range(1, max_attempts + 1):
         offset = part.stat().st_size if part.exists() else 0
@@ -291,7 +379,7 @@ def _fetch_with_resume(url: str, part: Path, part_meta_path: Path, *, size: int 
         try:
             complete = _fetch_once(opener, url, part, part_meta_path, offset=offset,
                                    validator=part_meta.get("validator"), gdrive=gdrive, timeout=timeout, hint=hint)
-        except (HTMLResponseError, ValueError):
+        except (HTMLResponseError, ValueError, DownloadError):
             raise
         except (urllib.error.URLError, http.client.HTTPException, OSError, socket.timeout) as err:
             if isinstance(err, urllib.error.HTTPError) and err.code == 416:
@@ -389,11 +477,26 @@ def _peek(response, n: int = 512) -> bytes:
 
 
 def _looks_like_html(response, head: bytes) -> bool:
+    """HTML by ``Content-Type`` or by content: markup at the start, whatever the declared type."""
     ctype = (response.headers.get("Content-Type") or "").lower()
-    if "text/html" in ctype:
+    if "text/html" in ctype or "application/xhtml" in ctype:
         return True
-    start = head.lstrip()[:15].lower()
-    return start.startswith((b"<!doctype html", b"<html"))
+    start = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    if not start.startswith(b"<"):
+        return False  # zip, pickle and safetensors files never start with '<'
+    return any(marker in start for marker in _HTML_MARKERS)
+
+
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never from https to plain http (unless http is allowed)."""
+
+    def __init__(self, allow_http: bool) -> None:
+        super().__init__()
+        self.allow_http = allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_transport(newurl, allow_http=self.allow_http)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _total_size(response, offset: int) -> int | None:

@@ -69,18 +69,6 @@ def _qdetr_version() -> str:
     return getattr(qdetr, "__version__", "unknown")
 
 
-def _alignment_slots(model: nn.Module) -> list[dict[str, Any]]:
-    """Attention modules whose ``q_align`` slot holds a distribution-alignment module."""
-    from qdetr.distill.alignment import DistributionAlignment
-
-    slots = []
-    for name, module in model.named_modules():
-        align = getattr(module, "q_align", None)
-        if isinstance(align, DistributionAlignment):
-            slots.append({"module": name, "head_dim": align.head_dim, "eps": align.eps, "unbiased": align.unbiased})
-    return slots
-
-
 def _float_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -95,6 +83,7 @@ def model_config_dict(
     provenance: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     name: str | None = None,
+    preprocessing: Any = None,
 ) -> dict[str, Any]:
     """The ``config.json`` content for ``model``.
 
@@ -104,10 +93,22 @@ def model_config_dict(
         provenance: where the weights come from (source file, SHA-256, bits source, ...).
         metrics: evaluation results, e.g. ``{"coco_val2017_box_ap": {"value": 38.5, "source": ...}}``.
         name: zoo or display name.
+        preprocessing: the image preprocessing the model expects at inference (a
+            :class:`qdetr.models.PreprocessingConfig` or its dict); default: the one recorded
+            on the model, else none (``predict`` then uses 800/1333).
 
     Raises:
         TypeError: if ``model`` has no architecture config (``model.config.to_dict``).
+
+    Examples:
+        >>> from qdetr.models import PreprocessingConfig, create_model
+        >>> from qdetr.zoo.hub import model_config_dict
+        >>> config = model_config_dict(create_model("detr_tiny"), preprocessing=PreprocessingConfig(shortest_edge=64))
+        >>> config["architecture"]["hidden_dim"], config["preprocessing"]["shortest_edge"], config["quantization"]
+        (32, 64, None)
     """
+    from qdetr.models.preprocessing import PreprocessingConfig
+    from qdetr.distill.alignment import alignment_slots
     from qdetr.quant.api import CONFIG_ATTR
 
     arch = getattr(model, "config", None)
@@ -122,6 +123,10 @@ def model_config_dict(
     if labels is None:
         labels = default_id2label(arch.num_classes)
     labels = {int(k): str(v) for k, v in labels.items()}
+    if preprocessing is None:
+        preprocessing = previous.get("preprocessing")
+    if isinstance(preprocessing, dict):
+        preprocessing = PreprocessingConfig.from_dict(preprocessing)
     return {
         "format_version": FORMAT_VERSION,
         "library_name": "qdetr",
@@ -130,7 +135,7 @@ def model_config_dict(
         "torch_dtype": str(_float_dtype(model)).removeprefix("torch."),
         "architecture": arch.to_dict(),
         "quantization": quant.to_dict() if quant is not None else None,
-        "alignment": _alignment_slots(model),
+        "alignment": alignment_slots(model),
         "id2label": {str(k): v for k, v in sorted(labels.items())},
         "weights": {
             "file": WEIGHTS_NAME,
@@ -139,6 +144,7 @@ def model_config_dict(
         },
         "provenance": provenance if provenance is not None else previous.get("provenance", {}),
         "metrics": metrics if metrics is not None else previous.get("metrics", {}),
+        "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
     }
 
 
@@ -152,7 +158,7 @@ def build_model_from_config(config: dict[str, Any]) -> nn.Module:
     Raises:
         ValueError: for a newer ``format_version`` or an invalid config.
     """
-    from qdetr.distill.alignment import DistributionAlignment
+    from qdetr.distill.alignment import restore_alignment_slots
     from qdetr.models import build_model, config_from_dict
     from qdetr.quant import QuantConfig, quantize_model
 
@@ -163,9 +169,7 @@ def build_model_from_config(config: dict[str, Any]) -> nn.Module:
             f" (upgrade qdetr for newer files)"
         )
     model = build_model(config_from_dict(config["architecture"]))
-    for slot in config.get("alignment", []):
-        attention = model.get_submodule(slot["module"])
-        attention.q_align = DistributionAlignment(slot["head_dim"], eps=slot["eps"], unbiased=slot["unbiased"])
+    restore_alignment_slots(model, config.get("alignment", []))
     if config.get("quantization"):
         quantize_model(model, config=QuantConfig.from_dict(config["quantization"]))
     dtype = getattr(torch, str(config.get("torch_dtype", "float32")), None)
@@ -185,6 +189,7 @@ def save_pretrained(
     base_model: str | None = None,
     repo_id: str | None = None,
     model_card: bool = True,
+    preprocessing: Any = None,
 ) -> Path:
     """Save ``model`` as ``config.json`` + packed ``model.safetensors`` (+ ``README.md``).
 
@@ -192,7 +197,7 @@ def save_pretrained(
         model: a qdetr detector, quantized or float.
         save_directory: created if missing; existing files of the same names are replaced
             atomically (weights first, ``config.json`` last).
-        id2label, provenance, metrics, name: see :func:`model_config_dict`.
+        id2label, provenance, metrics, name, preprocessing: see :func:`model_config_dict`.
         base_model: Hub id of the float model it derives from (model card front matter).
         repo_id: Hub id used in the card's usage snippet.
         model_card: also write ``README.md``.
@@ -211,7 +216,9 @@ def save_pretrained(
     """
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model_config_dict(model, id2label=id2label, provenance=provenance, metrics=metrics, name=name)
+    config = model_config_dict(
+        model, id2label=id2label, provenance=provenance, metrics=metrics, name=name, preprocessing=preprocessing
+    )
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_packed_state(model, tmp, extra_metadata={"qdetr_version": config["qdetr_version"]})
     if model_card:
@@ -288,6 +295,11 @@ def load_pretrained_dir(directory: str | os.PathLike, *, device: str | torch.dev
                               weights_bytes=weights.stat().st_size)
     model = build_model_from_config(config)
     load_packed_state(model, weights)
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{weights} holds NaN or infinite values in {bad[:5]}; the weights are damaged (a "
+                              "diverged training run or a corrupted file): save or download them again")
     model.id2label = {int(k): v for k, v in config.get("id2label", {}).items()}
     setattr(model, PRETRAINED_INFO_ATTR, config)
     if device is not None:

@@ -9,7 +9,6 @@ back to each image's original size).
 from __future__ import annotations
 
 import os
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,27 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["predict", "load_image", "attach_predict"]
+__all__ = ["predict", "load_image", "recorded_preprocessing"]
+
+
+def recorded_preprocessing(model: nn.Module):
+    """The :class:`qdetr.models.PreprocessingConfig` recorded with a loaded model, else the default.
+
+    It is the ``preprocessing`` entry of the model's ``config.json`` (written by the trainer and
+    by ``save_pretrained(..., preprocessing=...)``); files of qdetr 0.1 spelled it
+    ``eval_size/max_size/mean/std``, possibly under ``provenance``, and are read too.
+
+    Examples:
+        >>> from qdetr.models import create_model
+        >>> from qdetr.zoo.prediction import recorded_preprocessing
+        >>> recorded_preprocessing(create_model("detr_tiny")).shortest_edge  # nothing recorded: 800/1333
+        800
+    """
+    from qdetr.models.preprocessing import PreprocessingConfig
+
+    info = getattr(model, "qdetr_pretrained_config", None) or {}
+    data = info.get("preprocessing") or (info.get("provenance") or {}).get("preprocessing")
+    return PreprocessingConfig.from_dict(data) if data else PreprocessingConfig()
 
 
 def load_image(image: Any) -> Any:
@@ -54,7 +73,8 @@ def predict(
         threshold: keep detections with a score above it.
         batch_size: images per forward pass. 1 (default) makes each image's result
             independent of the others (padding to a common size changes DETR outputs slightly).
-        preprocessing: a :class:`qdetr.models.PreprocessingConfig` (default 800/1333 resize).
+        preprocessing: a :class:`qdetr.models.PreprocessingConfig`; default: the one recorded
+            with the model (:func:`recorded_preprocessing`), else the 800/1333 resize.
         top_k: sigmoid (SMCA) heads: (query, class) pairs considered before thresholding.
 
     Returns:
@@ -88,6 +108,8 @@ def predict(
         raise ValueError("predict got no images; pass an image, a path or a list of them")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if preprocessing is None:
+        preprocessing = recorded_preprocessing(model)
     reference = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -105,15 +127,3 @@ def predict(
     finally:
         model.train(was_training)
     return results
-
-
-def _predict_method(self: nn.Module, images: Any, threshold: float = 0.5, **kwargs) -> list[dict[str, torch.Tensor]]:
-    """``predict(images, threshold=0.5, *, batch_size=1, preprocessing=None, top_k=None)``; see
-    :func:`qdetr.zoo.prediction.predict`."""
-    return predict(self, images, threshold, **kwargs)
-
-
-def attach_predict(model: nn.Module) -> nn.Module:
-    """Give ``model`` a ``predict`` method (bound to this instance) and return it."""
-    model.predict = types.MethodType(_predict_method, model)
-    return model

@@ -23,54 +23,44 @@ threshold=0.5)``, ``save_pretrained(dir)`` and ``push_to_hub(repo_id)``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qdetr.errors import CheckpointError
 from qdetr.models.pretrained_methods import PretrainedMethodsMixin
 from qdetr.zoo.cache import default_cache_dir
 from qdetr.zoo.download import download_url, gdrive_download_url, gdrive_view_url
+from qdetr.zoo.hashing import sha256_file
 from qdetr.zoo.hub import CONFIG_NAME, WEIGHTS_NAME, load_from_hub, load_pretrained_dir
-from qdetr.zoo.hub import push_to_hub as _push_to_hub
 from qdetr.zoo.hub import save_pretrained as _save_pretrained
-from qdetr.zoo.prediction import attach_predict
 from qdetr.zoo.registry import PretrainedEntry, get_pretrained_entry, is_registered
 from qdetr.zoo.release import load_release_checkpoint
 
 __all__ = ["from_pretrained", "attach_pretrained_methods", "converted_cache_dir"]
 
+#: Subclasses ``(PretrainedMethodsMixin, cls)`` made by :func:`attach_pretrained_methods`, per class.
+_WITH_METHODS: dict[type, type] = {}
+
 logger = logging.getLogger(__name__)
 
-_HUB_ID_RE = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_RELEASE_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
-
-
-def _save_pretrained_method(self: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """``save_pretrained(dir, **kwargs)``; see :func:`qdetr.zoo.hub.save_pretrained`."""
-    return _save_pretrained(self, save_directory, **kwargs)
-
-
-def _push_to_hub_method(self: nn.Module, repo_id: str, **kwargs: Any):
-    """``push_to_hub(repo_id, **kwargs)``; see :func:`qdetr.zoo.hub.push_to_hub`."""
-    return _push_to_hub(self, repo_id, **kwargs)
 
 
 def attach_pretrained_methods(model: nn.Module) -> nn.Module:
     """Give ``model`` ``save_pretrained``, ``push_to_hub`` and ``predict`` methods and return it.
 
-    qdetr's :class:`~qdetr.models.Detr` and :class:`~qdetr.models.SmcaDetr` already have them
-    (:class:`~qdetr.models.pretrained_methods.PretrainedMethodsMixin`) and are returned
-    unchanged; another module with the same ``forward(pixel_values, pixel_mask)`` contract and
-    a qdetr ``config`` gets the three methods bound to the instance.
+    There is one way a model gets them: the
+    :class:`~qdetr.models.pretrained_methods.PretrainedMethodsMixin` class. qdetr's
+    :class:`~qdetr.models.Detr` and :class:`~qdetr.models.SmcaDetr` derive from it and are
+    returned unchanged; another module with the same ``forward(pixel_values, pixel_mask)``
+    contract and a qdetr ``config`` is given a subclass of its own class and the mixin (one per
+    class, cached), so ``isinstance`` checks keep working.
 
     Args:
         model: the detector.
@@ -87,9 +77,12 @@ def attach_pretrained_methods(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, PretrainedMethodsMixin):
         return model
-    model.save_pretrained = types.MethodType(_save_pretrained_method, model)
-    model.push_to_hub = types.MethodType(_push_to_hub_method, model)
-    return attach_predict(model)
+    cls = type(model)
+    if cls not in _WITH_METHODS:
+        _WITH_METHODS[cls] = type(cls.__name__, (PretrainedMethodsMixin, cls), {"__module__": cls.__module__,
+                                                                              "__doc__": cls.__doc__})
+    model.__class__ = _WITH_METHODS[cls]
+    return model
 
 
 def converted_cache_dir(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -119,11 +112,7 @@ def _store_converted(model: nn.Module, target: Path) -> None:
 def _from_release_file(path: Path, *, bits: int | None, cache_dir, provenance: dict | None = None,
                        cache_key: str | None = None, sha256: str | None = None) -> nn.Module:
     if sha256 is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        sha256 = digest.hexdigest()
+        sha256 = sha256_file(path)
     key = cache_key or f"local-{sha256[:16]}-{'b' + str(bits) if bits else 'auto'}"
     target = converted_cache_dir(key, cache_dir)
     if _is_saved_dir(target):
@@ -165,8 +154,17 @@ def _from_zoo(entry: PretrainedEntry, *, revision, cache_dir, bits: int | None) 
     path = download_url(url, filename=entry.filename, subdir=entry.name, cache_dir=cache_dir, sha256=entry.sha256,
                         size=entry.size_bytes, gdrive=bool(entry.gdrive_id) or None, manual_hint=hint)
     meta_sha = _recorded_sha256(path)
-    model = load_release_checkpoint(path, bits=entry.bits, sha256=meta_sha, provenance=_entry_provenance(entry),
-                                    model_name=entry.arch)
+    try:
+        model = load_release_checkpoint(path, bits=entry.bits, sha256=meta_sha, provenance=_entry_provenance(entry),
+                                        model_name=entry.arch)
+    except CheckpointError as err:
+        # A cached download that does not load must not be trusted (or pinned) again: evict it.
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".meta.json").unlink(missing_ok=True)
+        raise CheckpointError(
+            f"the downloaded file for {entry.name} does not load ({err}); it was removed from the cache ({path}) "
+            f"so the next call downloads it again.{' ' + hint if hint else ''}"
+        ) from err
     info = model.qdetr_pretrained_config
     info["name"] = entry.name
     info["metrics"] = _entry_metrics(entry)
@@ -193,8 +191,10 @@ def from_pretrained(
 
     Args:
         name_or_path: a zoo name (:func:`qdetr.list_pretrained`), a local directory saved by
-            ``save_pretrained``, a local Q-DETR release ``.pth`` file, or a Hugging Face Hub
-            repo id (``org/name``, optionally prefixed ``hf-hub:``).
+            ``save_pretrained``, a training run folder (or its ``model_final.pt`` /
+            ``checkpoint.pt``), a local Q-DETR release ``.pth`` file, or a Hugging Face Hub
+            repo id (``org/name``, optionally prefixed ``hf-hub:``); the same resolver as
+            every command (:func:`qdetr.zoo.resolve_model`).
         revision: Hub branch, tag or commit (Hub sources only).
         cache_dir: cache root for downloads and conversions (default ``$QDETR_CACHE`` or
             ``~/.cache/qdetr``); for Hub sources the Hugging Face cache directory.
@@ -228,32 +228,6 @@ def from_pretrained(
         >>> model = from_pretrained("qdetr_smca_r50.w4a4attn8_seed_coco_e50")  # doctest: +SKIP
         >>> model.predict(["street.jpg"], threshold=0.7)  # doctest: +SKIP
     """
-    text = os.fspath(name_or_path)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        model = load_pretrained_dir(path)
-    elif path.is_file():
-        if path.suffix == ".safetensors":
-            raise ValueError(f"{path} is a weights file; pass the directory that holds it and its {CONFIG_NAME}")
-        if path.suffix not in _RELEASE_SUFFIXES:
-            raise ValueError(f"{path}: expected a release checkpoint ({', '.join(_RELEASE_SUFFIXES)}) or a "
-                             f"directory saved by save_pretrained")
-        model = _from_release_file(path, bits=bits, cache_dir=cache_dir)
-    elif is_registered(text):
-        model = _from_zoo(get_pretrained_entry(text), revision=revision, cache_dir=cache_dir, bits=bits)
-    elif _HUB_ID_RE.match(text) and not text.endswith(_RELEASE_SUFFIXES):
-        model = load_from_hub(text.removeprefix("hf-hub:"), revision=revision, cache_dir=cache_dir)
-    else:
-        try:
-            get_pretrained_entry(text)
-            hint = ""
-        except KeyError as err:  # carries close matches, if any
-            hint = f" ({err.args[0]})" if "Did you mean" in err.args[0] else ""
-        raise ValueError(
-            f"{text!r} is not a zoo name (see qdetr.list_pretrained()), an existing local directory or "
-            f".pth file, or a Hugging Face Hub repo id ('org/name'){hint}"
-        )
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return attach_pretrained_methods(model)
+    from qdetr.zoo.resolve import resolve_model
+
+    return resolve_model(name_or_path, bits=bits, revision=revision, cache_dir=cache_dir, device=device)

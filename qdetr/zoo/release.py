@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from qdetr.errors import CheckpointError
+from qdetr.zoo.hashing import sha256_file
 from qdetr.zoo.safe_load import load_checkpoint_file
 from qdetr.zoo.size_limits import check_layer_indices
 
@@ -240,14 +240,6 @@ def model_from_release_state_dict(
     return model
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_release_checkpoint(
     path: str | os.PathLike,
     *,
@@ -302,7 +294,7 @@ def load_release_checkpoint(
     info = {
         "source_format": "qdetr-release (Hzbupahaozi/Q-DETR seed layout)",
         "source_file": path.name,
-        "source_sha256": sha256 or _sha256(path),
+        "source_sha256": sha256 or sha256_file(path),
         "bits": resolved,
         "bits_source": source,
         **extras,

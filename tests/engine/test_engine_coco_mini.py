@@ -38,7 +38,7 @@ def test_coco_mini_load_train_evaluate_predict(tmp_path):
     assert result.global_step == 1 and result.eval.num_images == 6
     assert result.eval.num_detections == 6 * 10 and 0.0 <= result.eval.ap <= 1.0
     loaded = load_model_for_inference(result.model_path)
-    assert loaded.categories[1] == "person" and loaded.eval_size == 128
+    assert loaded.categories[1] == "person" and loaded.preprocessing.shortest_edge == 128
     images = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:2]
     records = predict_images(loaded, images, tmp_path / "pred", threshold=0.0)
     assert all((tmp_path / "pred" / f"{p.stem}.pred.png").is_file() for p in images)

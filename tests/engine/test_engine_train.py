@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qdetr.engine import Trainer, load_model_file
+from qdetr.engine import Trainer
 from qdetr.engine.checkpoint import load_checkpoint, save_checkpoint_atomic
 from qdetr.engine.optim import build_param_groups
 from qdetr.engine.config import OptimConfig
@@ -21,6 +21,11 @@ def float_model_file(tmp_path_factory, synthetic_root):
 
 
 def _weights(path):
+    """State dict of a checkpoint file or of a run's final model (a save_pretrained directory)."""
+    if path.is_dir():
+        from qdetr.zoo import resolve_model
+
+        return resolve_model(path).state_dict()
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
@@ -56,7 +61,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, synthetic_ro
     assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (0, 3, 3)
     resumed = Trainer(tiny_config(tmp_path / "part", synthetic_root, epochs=2, max_steps=6, final_eval=False, **extra)).fit()
     assert resumed.global_step == 6
-    a, b = _weights(tmp_path / "full" / "model_final.pt"), _weights(tmp_path / "part" / "model_final.pt")
+    a, b = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "part" / "model")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     # and the run really moved away from its starting point
@@ -72,8 +77,13 @@ def test_qat_distillation_run_writes_a_quantized_model(tmp_path, synthetic_root,
     result = Trainer(config).fit()
     assert 0.0 <= result.eval.ap <= 1.0 and result.eval.eval_batch_size == 1 and result.eval.num_images == 4
     assert "loss_drd" in result.losses
-    model, meta = load_model_file(result.model_path)
-    assert meta["quant"]["bits"] == 4 and meta["alignment"] is True
+    from qdetr.zoo import resolve_model
+
+    model = resolve_model(tmp_path)  # the run folder
+    spec = model.qdetr_pretrained_config
+    assert spec["quantization"]["bits"] == 4 and spec["preprocessing"]["shortest_edge"] == 64
+    # the paper profile puts DA on the decoder cross-attention, as the builder does
+    assert [slot["module"].rsplit(".", 1)[-1] for slot in spec["alignment"]] == ["multihead_attn"] * 2
     state = model.state_dict()
     assert any(k.endswith("weight_quantizer.scale") for k in state)
     assert any(".q_align." in k for k in state)  # distribution alignment is part of the model
