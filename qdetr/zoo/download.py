@@ -42,6 +42,7 @@ from pathlib import Path
 
 from qdetr.errors import ChecksumError, ConfigError, DownloadError, HTMLResponseError, OfflineModeError
 from qdetr.zoo.cache import default_cache_dir, is_offline, read_json, write_json_atomic
+from qdetr.zoo.hashing import sha256_file
 
 __all__ = [
     "DownloadError",
@@ -100,16 +101,7 @@ def gdrive_view_url(file_id: str) -> str:
     return f"https://drive.google.com/file/d/{file_id}/view"
 
 
-def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = _CHUNK_BYTES) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-    cached_file_path(filename: str, *, subdir: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def cached_file_path(filename: str, *, subdir: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`download_url` stores ``filename`` (a user may put a hand-downloaded file here).
 
     Raises:
