@@ -58,18 +58,43 @@ def run_zoo_list(args: argparse.Namespace) -> int:
     from qdetr.zoo.registry import list_pretrained
 
     entries = list_pretrained(args.pattern, details=True)
+    for e in entries:
+        e["sha256_status"] = _sha256_status(e)
     if args.json:
         sys.stdout.write(json.dumps(entries, indent=2) + "\n")
         return 0
-    header = f"{'name':<45} {'bits':>4} {'attn':>4} {'profile':<8} {'box AP':>6}  source"
+    header = f"{'name':<45} {'bits':>4} {'attn':>4} {'profile':<8} {'box AP':>6}  {'sha256':<24} source"
     lines = [header, "-" * len(header)]
     for e in entries:
         bits = "fp" if e["bits"] is None else str(e["bits"])
         attn = "fp" if e["attn_bits"] is None else str(e["attn_bits"])
         ap = "-" if e["box_ap"] is None else f"{e['box_ap']:.1f}"
-        lines.append(f"{e['name']:<45} {bits:>4} {attn:>4} {e['profile'] or '-':<8} {ap:>6}  {e['source']}")
+        lines.append(f"{e['name']:<45} {bits:>4} {attn:>4} {e['profile'] or '-':<8} {ap:>6}  "
+                     f"{e['sha256_status']:<24} {e['source']}")
+    if any(e["sha256_status"].startswith(("unknown", "recorded")) for e in entries):
+        lines.append("")
+        lines.append("sha256 'unknown (TOFU)': no checksum was published; the first download is trusted and its "
+                     "SHA-256 pinned in the cache ('recorded <digest>'), and every later use is checked against it.")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _sha256_status(entry: dict) -> str:
+    """``pinned <12 hex>`` (published), ``recorded <12 hex>`` (first download, cached) or ``unknown (TOFU)``."""
+    from qdetr.zoo.cache import read_json
+    from qdetr.zoo.download import cached_file_path
+
+    if entry.get("sha256"):
+        return f"pinned {entry['sha256'][:12]}"
+    if entry.get("filename"):
+        try:
+            cached = cached_file_path(entry["filename"], subdir=entry["name"])
+        except ValueError:
+            cached = None
+        meta = read_json(cached.with_name(cached.name + ".meta.json")) if cached is not None else None
+        if meta and meta.get("sha256"):
+            return f"recorded {meta['sha256'][:12]}"
+    return "unknown (TOFU)" if not entry.get("hf_hub_id") else "hub-managed"
 
 
 def run_zoo_fetch(args: argparse.Namespace) -> int:

@@ -191,7 +191,7 @@ def download_url(
             raise ValueError(f"sha256 must be 64 hex digits; got {sha256!r}")
     filename = filename or Path(urllib.parse.unquote(parsed.path)).name
     if not filename or filename in (".", "..") or "/" in filename or "\\" in filename:
-        raise ValueError(f"cannot derive a file name from {url!r}; pass filename=")
+        raise ConfigError(f"cannot derive a plain file name from {url!r} (got {filename!r}); pass filename=")
     subdir = subdir or hashlib.sha256(url.encode()).hexdigest()[:16]
     if gdrive is None:
         gdrive = _is_gdrive_url(url)
@@ -208,46 +208,63 @@ def download_url(
             f"at {final}; unset the variable to download it, or put the file there.{hint}"
         )
 
+    created = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
     part_meta_path = final.with_name(final.name + ".part.json")
-    _fetch_with_resume(url, part, part_meta_path, size=size, gdrive=gdrive, timeout=timeout,
-                       max_attempts=max_attempts, hint=hint, allow_http=allow_http)
+    try:
+        _fetch_with_resume(url, part, part_meta_path, size=size, gdrive=gdrive, timeout=timeout,
+                           max_attempts=max_attempts, hint=hint, allow_http=allow_http)
 
-    actual_size = part.stat().st_size
-    if size is None and sha256 is None:
-        problem = _truncation_evidence(part, filename)
-        if problem is not None:
+        actual_size = part.stat().st_size
+        if size is None and sha256 is None:
+            problem = _truncation_evidence(part, filename)
+            if problem is not None:
+                _discard(part, part_meta_path)
+                raise DownloadError(
+                    f"the download of {url} is incomplete: {problem}; the server announced no size and no checksum is "
+                    f"known, so the file was deleted and nothing was cached. Retry.{hint}"
+                )
+        if size is not None and actual_size != size:
             _discard(part, part_meta_path)
-            raise DownloadError(
-                f"the download of {url} is incomplete: {problem}; the server announced no size and no checksum is "
-                f"known, so the file was deleted and nothing was cached. Retry.{hint}"
+            raise DownloadError(f"downloaded {actual_size} bytes from {url} but expected {size}; nothing was cached.{hint}")
+        digest = sha256_file(part)
+        if sha256 is not None and digest != sha256:
+            _discard(part, part_meta_path)
+            raise ChecksumError(
+                f"SHA-256 mismatch for {url}: expected {sha256}, got {digest}; the file was deleted and nothing "
+                f"was cached. Retry, or check that the source still serves the released file.{hint}"
             )
-    if size is not None and actual_size != size:
-        _discard(part, part_meta_path)
-        raise DownloadError(f"downloaded {actual_size} bytes from {url} but expected {size}; nothing was cached.{hint}")
-    digest = sha256_file(part)
-    if sha256 is not None and digest != sha256:
-        _discard(part, part_meta_path)
-        raise ChecksumError(
-            f"SHA-256 mismatch for {url}: expected {sha256}, got {digest}; the file was deleted and nothing "
-            f"was cached. Retry, or check that the source still serves the released file.{hint}"
-        )
-    # Metadata first, then the file: the final name only appears once fully verified.
-    write_json_atomic(meta_path, {
-        "url": url,
-        "filename": filename,
-        "size": actual_size,
-        "sha256": digest,
-        "sha256_source": "expected" if sha256 is not None else "recorded_on_first_download",
-    })
-    os.replace(part, final)
+        # Metadata first, then the file: the final name only appears once fully verified.
+        write_json_atomic(meta_path, {
+            "url": url,
+            "filename": filename,
+            "size": actual_size,
+            "sha256": digest,
+            "sha256_source": "expected" if sha256 is not None else "recorded_on_first_download",
+        })
+        os.replace(part, final)
+        part_meta_path.unlink(missing_ok=True)
+        if sha256 is None:
+            logger.warning(
+                "no published SHA-256 for %s: trusting this first download (trust on first use) and pinning SHA-256 %s "
+                "in %s; later uses of the cached file are checked against it", filename, digest, meta_path)
+        return final
+    except BaseException:
+        _tidy_failed_download(created, part, part_meta_path)
+        raise
+
+
+def _tidy_failed_download(created: list[Path], part: Path, part_meta_path: Path) -> None:
+    """After a failure, remove what the attempt created unless a resumable ``.part`` file is kept."""
+    if part.exists():
+        return  # kept on purpose: the next call resumes it
     part_meta_path.unlink(missing_ok=True)
-    if sha256 is None:
-        logger.warning(
-            "no published SHA-256 for %s: trusting this first download (trust on first use) and pinning SHA-256 %s "
-            "in %s; later uses of the cached file are checked against it", filename, digest, meta_path)
-    return final
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _check_transport(url: str, *, allow_http: bool) -> None:

@@ -41,6 +41,8 @@ class Route:
         html: serve this HTML page instead (status 200), unless the query confirms.
         confirm_param: query parameter/value that makes a Drive-like route serve ``data``.
         etag: ``ETag`` header, when set.
+        send_length: send ``Content-Length`` (False: the body ends when the connection closes).
+        redirect_to: answer 302 with this ``Location`` instead of serving anything.
     """
 
     data: bytes = b""
@@ -51,6 +53,8 @@ class Route:
     html: str | None = None
     confirm_param: tuple[str, str] | None = None
     etag: str | None = None
+    send_length: bool = True
+    redirect_to: str | None = None
     hits: int = field(default=0)
 
 
@@ -77,6 +81,12 @@ class LoopbackServer:
                     self.send_error(404)
                     return
                 route.hits += 1
+                if route.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", route.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 confirmed = route.confirm_param is not None and query.get(route.confirm_param[0]) == route.confirm_param[1]
                 if route.html is not None and not confirmed:
                     body = route.html.encode()
@@ -104,7 +114,10 @@ class LoopbackServer:
                 else:
                     self.send_response(200)
                 self.send_header("Content-Type", route.content_type)
-                self.send_header("Content-Length", str(len(data) - start))
+                if route.send_length:
+                    self.send_header("Content-Length", str(len(data) - start))
+                else:
+                    self.close_connection = True
                 if route.etag:
                     self.send_header("ETag", route.etag)
                 self.end_headers()
