@@ -45,6 +45,8 @@ from qdetr.data import (
 )
 from qdetr.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint_atomic
 from qdetr.engine.config import TrainConfig
+from qdetr.engine.resume_check import check_resume_config
+from qdetr.errors import ResumeMismatchError
 from qdetr.engine.distributed import DistributedContext, init_distributed
 from qdetr.engine.evaluate import CocoEvalResult, evaluate_coco
 from qdetr.zoo.run_files import RUN_CHECKPOINT_NAME, RUN_MODEL_DIR, load_state_dict_checked, read_state_dict
@@ -344,6 +346,29 @@ class Trainer:
         self.log.write("event", event="stage2", epoch=epoch)
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_resume(self, resume_state: dict | None, checkpoint_path: Path) -> list:
+        """Refuse a resume that changes the run's settings (ResumeMismatchError); log and save harmless changes."""
+        if resume_state is None:
+            return []
+        saved = resume_state.get("config")
+        if saved is None:  # a checkpoint of an older qdetr: nothing to compare against
+            if self.ctx.is_main:
+                self.config.save(self.output_dir / "config.json")
+            return []
+        try:  # normalise configs recorded by older versions of TrainConfig
+            saved = TrainConfig.from_dict(saved).to_dict()
+        except (ValueError, TypeError, KeyError):
+            pass
+        changes = check_resume_config(
+            saved, self.config.to_dict(), source=str(checkpoint_path),
+            saved_train_images=resume_state.get("num_train_images"), current_train_images=len(self.train_ds),
+        )
+        for key, old, new in changes:
+            logger.info("resuming %s with %s changed: %r -> %r", self.output_dir, key, old, new)
+        if self.ctx.is_main:
+            self.config.save(self.output_dir / "config.json")
+        return changes
+
     def _save(self, epoch: int, batch_in_epoch: int, global_step: int) -> None:
         if not self.ctx.is_main:
             return
@@ -358,6 +383,7 @@ class Trainer:
             "stage": self.stage,
             "config": self.config.to_dict(),
             "num_classes": self.num_classes,
+            "num_train_images": len(self.train_ds),
             "model_spec": self._model_spec(),
         }
         save_checkpoint_atomic(state, self.output_dir / CHECKPOINT_NAME)
@@ -462,10 +488,10 @@ class Trainer:
         cfg, ctx = self.config, self.ctx
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.output_dir / "config.json")
         checkpoint_path = self.output_dir / CHECKPOINT_NAME
         resuming = cfg.resume and checkpoint_path.is_file()
         if ctx.is_main and not resuming:
+            cfg.save(self.output_dir / "config.json")  # a resumed run rewrites it only after the check below
             (self.output_dir / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
         ctx.barrier()
         self.log = RunLog(self.output_dir / "log.jsonl", enabled=ctx.is_main)
@@ -477,8 +503,9 @@ class Trainer:
         start_epoch = resume_state["epoch"] if resume_state else 0
         start_batch = resume_state["batch_in_epoch"] if resume_state else 0
         global_step = resume_state["global_step"] if resume_state else 0
+        resume_changes = self._check_resume(resume_state, checkpoint_path)
         if resume_state is not None and resume_state.get("num_classes") not in (None, self.num_classes):
-            raise ValueError(
+            raise ResumeMismatchError(
                 f"{checkpoint_path} was trained with num_classes={resume_state['num_classes']} but this run has "
                 f"{self.num_classes}; use another output_dir or resume: false"
             )
@@ -509,7 +536,8 @@ class Trainer:
             self.optimizer.load_state_dict(resume_state["optimizer"])
             self.scheduler.load_state_dict(resume_state["scheduler"])
             restore_rng_state(resume_state["rng"])
-            self.log.write("event", event="resume", epoch=start_epoch, step=global_step, world_size=ctx.world_size)
+            self.log.write("event", event="resume", epoch=start_epoch, step=global_step, world_size=ctx.world_size,
+                           changed={key: [old, new] for key, old, new in resume_changes})
         else:
             self.log.write("event", event="start", world_size=ctx.world_size, device=str(ctx.device), config=cfg.to_dict())
         self.ddp_model = self._wrap(self.model)
