@@ -85,7 +85,7 @@ class _SweepTrainer(Trainer):
     def _train_step(self, batch, use_amp):
         if self.distill_loss is not None and not getattr(self, "_swapped", False):
             cls = _StandardisedDistillationLoss if self._standardise else DistillationLoss
-            self.distill_loss = cls(tau=self.config.distill.tau, weight=self.config.distill.weight, layers=self._layers)
+            self.distill_loss = cls(tau=self.config.distill.loss.tau, weight=self.config.distill.loss.weight, layers=self._layers)
             self._swapped = True
         return super()._train_step(batch, use_amp)
 

@@ -2,11 +2,12 @@
 
 from qdetr.engine.checkpoint import load_checkpoint, save_checkpoint_atomic
 from qdetr.engine.config import (
+    CONFIG_VERSION,
     DataConfig,
-    DistillConfig,
     ModelConfig,
     OptimConfig,
-    QuantTrainConfig,
+    QATConfig,
+    QDetrMethodConfig,
     TrainConfig,
     load_config_file,
 )
@@ -24,8 +25,9 @@ __all__ = [
     "TrainConfig",
     "DataConfig",
     "ModelConfig",
-    "QuantTrainConfig",
-    "DistillConfig",
+    "QATConfig",
+    "QDetrMethodConfig",
+    "CONFIG_VERSION",
     "OptimConfig",
     "load_config_file",
     # training
@@ -46,9 +48,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Deprecated aliases: ``load_model_file`` / ``save_model_file`` (use :func:`qdetr.zoo.resolve_model`)."""
+    """Deprecated aliases: ``load_model_file`` / ``save_model_file`` (use :func:`qdetr.zoo.resolve_model`),
+    ``QuantTrainConfig`` (:class:`QATConfig`) and ``DistillConfig`` (:class:`QDetrMethodConfig`)."""
     if name in ("load_model_file", "save_model_file"):
         from qdetr.engine import model_files
 
         return getattr(model_files, name)
+    if name in ("QuantTrainConfig", "DistillConfig"):
+        from qdetr.engine import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'qdetr.engine' has no attribute {name!r}")

@@ -1,19 +1,39 @@
 """Training configuration: frozen dataclasses loadable from YAML or JSON.
 
-A :class:`TrainConfig` groups one dataclass per concern (data, model, quantization,
-distillation, optimisation). Every field has a default, so a config file only lists what
-it changes::
+A :class:`TrainConfig` groups one section per concern, and each section embeds the
+library's own config dataclass instead of copying its fields:
+
+=============  =================================================================================
+section        holds
+=============  =================================================================================
+``data``       :class:`DataConfig` (embeds :class:`~qdetr.data.TransformConfig` and
+               :class:`~qdetr.data.SyntheticShapesConfig`)
+``model``      :class:`ModelConfig`: a registry name plus ``overrides``, the fields of the
+               entry's :class:`~qdetr.models.DetrConfig` / :class:`~qdetr.models.SmcaConfig`
+``quant``      :class:`QATConfig`: the QAT recipe plus ``quantization``, a full
+               :class:`~qdetr.quant.QuantConfig` (``null`` = float model)
+``distill``    :class:`QDetrMethodConfig`: DA / DRD switches, the teacher, and ``loss``, a full
+               :class:`~qdetr.distill.DistillationConfig`
+``optim``      :class:`OptimConfig`
+=============  =================================================================================
+
+Every field is settable from the file and from ``--set section.key=value`` (nested keys too:
+``--set quant.quantization.weight.granularity=per_tensor``). Every field has a default, so a
+config file only lists what it changes::
 
     output_dir: runs/w4_distill
     epochs: 50
     data: {dataset: coco, train_images: coco/train2017, train_ann: coco/ann/instances_train2017.json,
            val_images: coco/val2017, val_ann: coco/ann/instances_val2017.json, batch_size: 2}
     model: {name: smca_detr_r50}
-    quant: {bits: 4, float_checkpoint: runs/fp/checkpoint.pt}
-    distill: {enabled: true, teacher_checkpoint: runs/fp/checkpoint.pt}
+    quant: {quantization: {bits: 4, stem_bits: 8}, float_checkpoint: runs/fp}
+    distill: {enabled: true, loss: {tau: 0.5, mu_giou: 2.0}}
 
-Command-line style overrides (``"optim.lr=2e-4"``) are applied with
-:meth:`TrainConfig.with_overrides`.
+Files carry ``config_version`` (:data:`CONFIG_VERSION`). Version 1 files (no
+``config_version``) spelled the quantization and loss settings flat (``quant.bits``,
+``quant.attn_bits``, ``quant.profile``, ``distill.tau``, ...); those keys are still read,
+from files and from ``--set``, through one table (:data:`FLAT_KEYS`). An unknown version is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -26,16 +46,31 @@ from typing import Any, Literal
 
 from qdetr.data.synthetic import SyntheticShapesConfig
 from qdetr.data.transforms import TransformConfig
+from qdetr.distill.config import DistillationConfig
+from qdetr.quant.config import QuantConfig
 
 __all__ = [
+    "CONFIG_VERSION",
     "DataConfig",
     "ModelConfig",
-    "QuantTrainConfig",
-    "DistillConfig",
+    "QATConfig",
+    "QDetrMethodConfig",
     "OptimConfig",
     "TrainConfig",
     "load_config_file",
 ]
+
+#: Version of the TrainConfig schema written by this qdetr (see the module docstring).
+CONFIG_VERSION = 2
+
+#: Version-1 (flat) keys -> where they live now. Read from files and from ``--set``.
+FLAT_KEYS: dict[str, str] = {
+    "quant.bits": "quant.quantization.bits",
+    "quant.attn_bits": "quant.quantization.attn_bits",
+    "quant.profile": "quant.quantization.profile",
+    **{f"distill.{name}": f"distill.loss.{name}"
+       for name in ("tau", "weight", "mu_giou", "mu_l1", "layers", "feature", "one_to_one", "qfd_weight")},
+}
 
 
 def _fail(message: str) -> None:
@@ -118,7 +153,9 @@ class ModelConfig:
 
     Args:
         name: registry name, e.g. ``"detr_tiny"``, ``"smca_detr_r50"``.
-        overrides: keyword arguments for the builder (e.g. ``{"hidden_dim": 64}``).
+        overrides: fields of the entry's architecture config (:func:`qdetr.models.model_config`,
+            a ``DetrConfig`` or ``SmcaConfig``), e.g. ``{"hidden_dim": 64}``; checked against
+            its fields. Quantization is set in the ``quant`` section, never here.
         num_classes: DETR ``num_classes`` (largest category id + 1); ``None`` derives it from
             the training set.
         train_full_backbone: also train the stem and ``layer1`` (frozen in the DETR recipe,
@@ -128,10 +165,16 @@ class ModelConfig:
         >>> from qdetr.engine import ModelConfig
         >>> ModelConfig(name="detr_tiny", overrides={"hidden_dim": 32}).overrides
         {'hidden_dim': 32}
+        >>> ModelConfig(name="detr_tiny", overrides={"hidden_dim": 32}).architecture().hidden_dim
+        32
         >>> ModelConfig(num_classes=1)
         Traceback (most recent call last):
         ...
         ValueError: model.num_classes must be >= 2 (largest category id + 1); got 1
+        >>> ModelConfig(overrides={"hiden_dim": 32})
+        Traceback (most recent call last):
+        ...
+        ValueError: model.overrides: unknown DetrConfig fields ['hiden_dim']; valid fields: [...]
     """
 
     name: str = "detr_tiny"
@@ -146,42 +189,77 @@ class ModelConfig:
             _fail(f"model.overrides must be a mapping of builder arguments; got {type(self.overrides).__name__}")
         if self.num_classes is not None and self.num_classes < 2:
             _fail(f"model.num_classes must be >= 2 (largest category id + 1); got {self.num_classes}")
+        self.architecture()  # checks the name and the override fields
+
+    def architecture(self):
+        """The library's architecture config of this entry with ``overrides`` applied.
+
+        Raises:
+            ValueError: for an unknown registry name or an unknown field.
+        """
+        from qdetr.models import model_config
+
+        try:
+            base = model_config(self.name)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"model.name: {err}") from err
+        names = {f.name for f in dataclasses.fields(base)}
+        unknown = sorted(set(self.overrides) - names)
+        if unknown:
+            _fail(f"model.overrides: unknown {type(base).__name__} fields {unknown}; valid fields: {sorted(names)}")
+        return dataclasses.replace(base, **self.overrides)
+
+
+def _embedded(cls, value, prefix: str):
+    """A library config from its dict (its own ``from_dict`` validates), errors prefixed with the section."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        _fail(f"{prefix} must be a mapping of {cls.__name__} fields; got {type(value).__name__}")
+    try:
+        return cls.from_dict(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{prefix}: {err}") from err
 
 
 @dataclass(frozen=True, kw_only=True)
-class QuantTrainConfig:
-    """Quantization-aware training settings (``bits=None`` trains a float model).
+class QATConfig:
+    """The ``quant`` section: what to quantize (a library :class:`~qdetr.quant.QuantConfig`)
+    and how quantization-aware training starts and is scheduled.
 
     Args:
-        bits: weight/activation bit width (2, 3 or 4; 8 works too), or ``None`` for float.
-        attn_bits: bits of q, k, v and the attention probabilities.
-        profile: ``"paper"`` or ``"seed"`` (method.md section 4).
-        float_checkpoint: float weights to start QAT from (a training checkpoint or a
-            ``save_pretrained`` folder). Strongly recommended: QAT from scratch rarely converges.
+        quantization: the full :class:`~qdetr.quant.QuantConfig` (``bits``, ``act_bits``,
+            ``attn_bits``, ``stem_bits``, ``profile``, ``quantize_downsample``, ``overrides``,
+            ``keep_float`` and the ``weight`` / ``activation`` quantizer numerics), or ``None``
+            to train a float model.
+        float_checkpoint: float weights to start QAT from: a float run folder, a
+            ``save_pretrained`` folder or a checkpoint file. Strongly recommended: QAT from
+            scratch rarely converges.
         calibration_batches: training batches used to initialise step sizes and zero points.
         two_stage: the paper's recipe: stage 1 quantizes only the backbone (the rest stays
             float) for ``stage1_epochs``, stage 2 quantizes everything from stage 1's weights.
         stage1_epochs: epochs of stage 1 (part of ``TrainConfig.epochs``).
-        stage1_keep_float: module-name globs kept float in stage 1 (default: all but the backbone).
+        stage1_keep_float: module-name globs kept float in stage 1 (default: all but the
+            backbone), added to ``quantization.keep_float``.
         kernels: fake-quantization kernels (:mod:`qdetr.quant.kernels`): ``"compiled"`` (fused,
             fastest per step, a few seconds of compilation at start), ``"eager"``, or ``"auto"``:
             compiled for models with at least ``AUTO_COMPILED_MIN_PARAMS`` parameters, where
             the compilation pays off, eager for small ones.
 
     Examples:
-        >>> from qdetr.engine import QuantTrainConfig
-        >>> quant = QuantTrainConfig(bits=4, float_checkpoint="runs/fp/model_final.pt")
-        >>> quant.profile, quant.attn_bits, quant.kernels
-        ('paper', 8, 'auto')
-        >>> QuantTrainConfig(bits=1)
+        >>> from qdetr.engine import QATConfig
+        >>> quant = QATConfig(quantization={"bits": 4, "stem_bits": 4}, float_checkpoint="runs/fp")
+        >>> quant.bits, quant.quantization.stem_bits, quant.quantization.profile, quant.kernels
+        (4, 4, 'paper', 'auto')
+        >>> QATConfig().bits is None  # float
+        True
+        >>> QATConfig(quantization={"bits": 1})
         Traceback (most recent call last):
         ...
-        ValueError: quant.bits must be 2..8 or null for a float model; got 1
+        ValueError: quant.quantization: bits must be an integer from 2 to 8 (...); got 1
     """
 
-    bits: int | None = None
-    attn_bits: int = 8
-    profile: str = "paper"
+    quantization: QuantConfig | None = None
     float_checkpoint: str | None = None
     calibration_batches: int = 1
     two_stage: bool = False
@@ -193,25 +271,34 @@ class QuantTrainConfig:
     AUTO_COMPILED_MIN_PARAMS = 5_000_000
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "quantization", _embedded(QuantConfig, self.quantization, "quant.quantization"))
         object.__setattr__(self, "stage1_keep_float", tuple(self.stage1_keep_float))
         if self.kernels not in ("auto", "eager", "compiled"):
             _fail(f"quant.kernels must be 'auto', 'eager' or 'compiled'; got {self.kernels!r}")
-        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in range(2, 9)):
-            _fail(f"quant.bits must be 2..8 or null for a float model; got {self.bits!r}")
         if self.calibration_batches < 1:
             _fail(f"quant.calibration_batches must be >= 1; got {self.calibration_batches}")
-        if self.two_stage and self.bits is None:
-            _fail("quant.two_stage needs quant.bits (2, 3 or 4)")
+        if self.two_stage and self.quantization is None:
+            _fail("quant.two_stage needs quant.quantization.bits (2, 3 or 4)")
         if self.two_stage and self.stage1_epochs < 1:
             _fail("quant.two_stage needs quant.stage1_epochs >= 1")
-        if self.profile not in ("paper", "seed"):
-            _fail(f"quant.profile must be 'paper' or 'seed'; got {self.profile!r}")
+
+    @property
+    def bits(self) -> int | None:
+        """``quantization.bits``, or None for a float model."""
+        return None if self.quantization is None else self.quantization.bits
+
+    def for_stage(self, stage: int) -> QuantConfig | None:
+        """The ``QuantConfig`` used in ``stage`` (1: ``stage1_keep_float`` kept float too)."""
+        if self.quantization is None or not (self.two_stage and stage == 1):
+            return self.quantization
+        keep = tuple(dict.fromkeys(self.quantization.keep_float + self.stage1_keep_float))
+        return dataclasses.replace(self.quantization, keep_float=keep)
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    """Q-DETR's two parts: distribution alignment (DA) and distillation with foreground-aware
-    query matching (DRD/FQM) from a frozen float teacher.
+class QDetrMethodConfig:
+    """The ``distill`` section: Q-DETR's two parts, distribution alignment (DA) and
+    distillation with foreground-aware query matching (DRD/FQM) from a frozen float teacher.
 
     The paper's ablation (method.md section 8) maps to: baseline = neither,
     "+DA" = ``alignment=True``, "+FQM" = ``enabled=True, alignment=False``,
@@ -219,53 +306,39 @@ class DistillConfig:
 
     Args:
         enabled: add ``DistillationLoss`` (DRD with FQM) to the detection loss.
-        alignment: put distribution alignment on the student's decoder co-attention query;
+        alignment: put distribution alignment on the student's decoder attention query (the
+            slot of the quantization profile, :data:`qdetr.distill.ALIGNMENT_BY_PROFILE`);
             ``None`` follows ``enabled``.
-        teacher_checkpoint: the teacher's float weights (default: ``quant.float_checkpoint``).
+        teacher_checkpoint: the teacher's float weights: a run folder, a ``save_pretrained``
+            folder or a checkpoint file (default: ``quant.float_checkpoint``).
         teacher_model: architecture of the teacher (default: the student's).
-        tau: foreground selection threshold (FQM).
-        weight: lambda, the weight of the DRD term.
-        layers: decoder layers distilled (-1 = last), see :class:`qdetr.DistillationLoss`.
-        feature: ``"attn_values"`` (the paper's pre-projection co-attended features) or
-            ``"proj_out"`` (after the output projection, the released code's choice).
-        one_to_one: Hungarian pairing of student and teacher queries instead of argmax.
-        qfd_weight: weight of the released code's feature-MSE term (not in the paper; 0 = off).
+        loss: the full :class:`~qdetr.distill.DistillationConfig` (``tau``, ``weight``,
+            ``mu_giou``, ``mu_l1``, ``layers``, ``feature``, ``one_to_one``, ``qfd_weight``).
 
     Examples:
-        >>> from qdetr.engine import DistillConfig
-        >>> DistillConfig(enabled=True).use_alignment  # Q-DETR: DA + FQM
+        >>> from qdetr.engine import QDetrMethodConfig
+        >>> QDetrMethodConfig(enabled=True).use_alignment  # Q-DETR: DA + FQM
         True
-        >>> DistillConfig(enabled=True, alignment=False).use_alignment  # "+FQM" ablation
+        >>> QDetrMethodConfig(enabled=True, alignment=False).use_alignment  # "+FQM" ablation
         False
-        >>> DistillConfig(tau=2.0)
+        >>> QDetrMethodConfig(loss={"mu_l1": 2.0}).loss.mu_l1
+        2.0
+        >>> QDetrMethodConfig(loss={"tau": 2.0})
         Traceback (most recent call last):
         ...
-        ValueError: distill.tau must be in [0, 1]; got 2.0
+        ValueError: distill.loss: tau must be in [0, 1] (0.5 is the released value), got 2.0
     """
 
     enabled: bool = False
     alignment: bool | None = None
     teacher_checkpoint: str | None = None
     teacher_model: ModelConfig | None = None
-    tau: float = 0.5
-    weight: float = 1.0
-    layers: tuple[int, ...] = (-1,)
-    feature: Literal["attn_values", "proj_out"] = "attn_values"
-    one_to_one: bool = False
-    qfd_weight: float = 0.0
+    loss: DistillationConfig = field(default_factory=DistillationConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        if self.feature not in ("attn_values", "proj_out"):
-            _fail(f"distill.feature must be 'attn_values' or 'proj_out'; got {self.feature!r}")
-        if self.qfd_weight < 0:
-            _fail(f"distill.qfd_weight must be >= 0; got {self.qfd_weight}")
+        object.__setattr__(self, "loss", _embedded(DistillationConfig, self.loss, "distill.loss"))
         if isinstance(self.teacher_model, dict):
-            object.__setattr__(self, "teacher_model", ModelConfig(**self.teacher_model))
-        if not 0.0 <= self.tau <= 1.0:
-            _fail(f"distill.tau must be in [0, 1]; got {self.tau}")
-        if self.weight < 0:
-            _fail(f"distill.weight must be >= 0; got {self.weight}")
+            object.__setattr__(self, "teacher_model", _from_mapping(ModelConfig, self.teacher_model, "distill.teacher_model"))
 
     @property
     def use_alignment(self) -> bool:
@@ -355,6 +428,7 @@ class TrainConfig:
         ValueError: unknown key(s) ['learning_rate'] in section 'optim'; valid keys: ...
     """
 
+    config_version: int = CONFIG_VERSION
     output_dir: str = "outputs/train"
     epochs: int = 1
     seed: int = 0
@@ -369,20 +443,18 @@ class TrainConfig:
     final_eval: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantTrainConfig = field(default_factory=QuantTrainConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    quant: QATConfig = field(default_factory=QATConfig)
+    distill: QDetrMethodConfig = field(default_factory=QDetrMethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (
-            ("data", DataConfig),
-            ("model", ModelConfig),
-            ("quant", QuantTrainConfig),
-            ("distill", DistillConfig),
-            ("optim", OptimConfig),
-        ):
+        if self.config_version != CONFIG_VERSION:
+            _fail(f"config_version {self.config_version!r} is not supported: this qdetr reads versions 1 and "
+                  f"{CONFIG_VERSION} (files without config_version are version 1); upgrade qdetr for newer files")
+        for name, cls in _NESTED["TrainConfig"].items():
             value = getattr(self, name)
             if isinstance(value, dict):
+                value = _move_flat_keys({name: value})[name]
                 object.__setattr__(self, name, _from_mapping(cls, value, prefix=name))
         if self.epochs < 1:
             _fail(f"epochs must be >= 1; got {self.epochs}")
@@ -424,7 +496,15 @@ class TrainConfig:
             >>> config.data.batch_size, config.epochs
             (4, 1)
         """
-        return _from_mapping(cls, data, prefix="")
+        if not isinstance(data, dict):
+            _fail(f"a TrainConfig must be a mapping of sections; got {type(data).__name__}")
+        data = dict(data)
+        version = data.get("config_version", 1)
+        if version not in (1, CONFIG_VERSION):
+            _fail(f"config_version {version!r} is not supported: this qdetr reads versions 1 and {CONFIG_VERSION} "
+                  "(files without config_version are version 1); upgrade qdetr for newer files")
+        data["config_version"] = CONFIG_VERSION
+        return _from_mapping(cls, _move_flat_keys(data), prefix="")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -435,7 +515,7 @@ class TrainConfig:
             >>> from pathlib import Path
             >>> from qdetr.engine import TrainConfig
             >>> with tempfile.TemporaryDirectory() as tmp:
-            ...     _ = (Path(tmp) / "run.yaml").write_text("{epochs: 5, quant: {bits: 3}}")
+            ...     _ = (Path(tmp) / "run.yaml").write_text("{epochs: 5, quant: {quantization: {bits: 3}}}")
             ...     config = TrainConfig.from_file(Path(tmp) / "run.yaml")
             >>> config.epochs, config.quant.bits
             (5, 3)
@@ -470,7 +550,10 @@ class TrainConfig:
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "TrainConfig":
         """Returns a copy with dotted-key overrides, e.g. ``["optim.lr=2e-4", "quant.bits=2"]``.
 
-        Values are parsed as YAML scalars (``2e-4``, ``true``, ``null``, ``[1, 2]``).
+        Values are parsed as YAML scalars (``2e-4``, ``true``, ``null``, ``[1, 2]``). Keys may
+        reach into the embedded library configs (``quant.quantization.stem_bits=4``,
+        ``distill.loss.mu_l1=2``); the version-1 flat keys (``quant.bits``, ``distill.tau``, ...)
+        still work.
 
         Examples:
             >>> from qdetr.engine import TrainConfig
@@ -479,20 +562,50 @@ class TrainConfig:
             (0.0002, 4, None)
             >>> TrainConfig().with_overrides({"data.batch_size": 8}).data.batch_size
             8
+            >>> config.with_overrides(["quant.quantization.weight.granularity=per_tensor"]).quant.quantization.weight
+            QuantizerConfig(granularity='per_tensor', init='channel', grad_scale_numel='per_step', zero_point_init='zero', learn_zero_point=True)
         """
         data = self.to_dict()
         items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
         for key, value in items:
             if isinstance(value, str):
                 value = _parse_scalar(value)
-            node = data
-            parts = key.split(".")
-            for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {} if node.get(part) is None else _fail(f"cannot set {key}: {part} is not a section")
-                node = node[part]
-            node[parts[-1]] = value
+            _set_path(data, FLAT_KEYS.get(key, key), value)
         return TrainConfig.from_dict(data)
+
+
+def _set_path(data: dict, key: str, value: Any) -> None:
+    """Set a dotted ``key`` in nested dicts, creating sections (``quant.quantization`` included).
+
+    ``quant.quantization.bits = null`` means a float model: the whole ``quantization`` becomes null.
+    """
+    if key == "quant.quantization.bits" and value is None:
+        key = "quant.quantization"
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            if node.get(part) is not None:
+                _fail(f"cannot set {key}: {part} is not a section")
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _move_flat_keys(data: dict) -> dict:
+    """Move version-1 flat keys (:data:`FLAT_KEYS`) to their place in the nested sections."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    quant = data.get("quant")
+    if isinstance(quant, dict) and "bits" in quant and quant["bits"] is None:
+        # a float run of version 1: no quantization, whatever attn_bits / profile say
+        for name in ("bits", "attn_bits", "profile"):
+            quant.pop(name, None)
+        quant.setdefault("quantization", None)
+    for old, new in FLAT_KEYS.items():
+        section, name = old.split(".")
+        if isinstance(data.get(section), dict) and name in data[section]:
+            _set_path(data, new, data[section].pop(name))
+    return data
 
 
 def _parse_scalar(text: str) -> Any:
@@ -532,17 +645,42 @@ def _from_mapping(cls, data: dict[str, Any], prefix: str):
     return cls(**kwargs)
 
 
+#: Sections built field by field here; the embedded library configs (``quant.quantization``,
+#: ``distill.loss``) are built by their own ``from_dict``.
 _NESTED: dict[str, dict[str, type]] = {
     "TrainConfig": {
         "data": DataConfig,
         "model": ModelConfig,
-        "quant": QuantTrainConfig,
-        "distill": DistillConfig,
+        "quant": QATConfig,
+        "distill": QDetrMethodConfig,
         "optim": OptimConfig,
     },
     "DataConfig": {"synthetic": SyntheticShapesConfig, "transforms": TransformConfig},
-    "DistillConfig": {"teacher_model": ModelConfig},
+    "QDetrMethodConfig": {"teacher_model": ModelConfig},
 }
+
+#: Deprecated names of the sections (one release): ``QuantTrainConfig`` -> :class:`QATConfig`,
+#: ``DistillConfig`` -> :class:`QDetrMethodConfig` (it collided with ``DistillationConfig``).
+_DEPRECATED_SECTIONS = {"QuantTrainConfig": ("QATConfig", "quant"), "DistillConfig": ("QDetrMethodConfig", "distill")}
+
+
+def __getattr__(name: str):
+    """Deprecated section names; their constructors still take the version-1 flat keywords."""
+    if name not in _DEPRECATED_SECTIONS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
+    new_name, section = _DEPRECATED_SECTIONS[name]
+    warnings.warn(f"qdetr.engine.{name} is deprecated; use qdetr.engine.{new_name}", DeprecationWarning, stacklevel=2)
+    cls = globals()[new_name]
+
+    def construct(**kwargs):
+        moved = _move_flat_keys({section: kwargs})[section]
+        return _from_mapping(cls, moved, prefix=section)
+
+    construct.__name__ = name
+    construct.__doc__ = f"Deprecated: builds a :class:`{new_name}` from version-1 keywords."
+    return construct
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

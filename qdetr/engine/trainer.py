@@ -202,13 +202,8 @@ class Trainer:
         return 1 if quant.two_stage and epoch < quant.stage1_epochs else 2
 
     def _quant_config(self, stage: int):
-        quant = self.config.quant
-        if quant.bits is None:
-            return None
-        from qdetr.quant import QuantConfig
-
-        keep_float = quant.stage1_keep_float if (quant.two_stage and stage == 1) else ()
-        return QuantConfig(bits=quant.bits, attn_bits=quant.attn_bits, profile=quant.profile, keep_float=keep_float)
+        """The library ``QuantConfig`` of ``stage`` (None: float)."""
+        return self.config.quant.for_stage(stage)
 
     def _float_model(self, spec) -> nn.Module:
         """The float detector of a ``ModelConfig`` for this run's ``num_classes``."""
@@ -518,15 +513,7 @@ class Trainer:
         if cfg.distill.enabled:
             from qdetr.distill import DistillationLoss
 
-            d = cfg.distill
-            self.distill_loss = DistillationLoss(
-                tau=d.tau,
-                weight=d.weight,
-                layers=d.layers,
-                feature=d.feature,
-                one_to_one=d.one_to_one,
-                qfd_weight=d.qfd_weight,
-            )
+            self.distill_loss = DistillationLoss(config=cfg.distill.loss)
         if resume_state is not None:
             load_state_dict_checked(self.model, resume_state["model"], source=str(checkpoint_path))
         elif cfg.quant.bits is not None:
