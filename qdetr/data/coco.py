@@ -25,7 +25,11 @@ Bad input is handled explicitly:
 * crowd annotations (``iscrowd=1``) are ignored for training targets, as in DETR;
 * boxes with width or height <= 0 are dropped and counted in one warning;
 * boxes reaching outside the image are clipped to it (also counted);
-* grayscale, palette, RGBA and CMYK images are converted to RGB.
+* grayscale, palette, RGBA and CMYK images are converted to RGB; 16-bit images are scaled;
+* malformed records (missing or mistyped ``id``, ``image_id``, ``category_id``, ``bbox``,
+  ``file_name``, ``categories``; NaN boxes; unknown category ids; file names leaving the image
+  folder) raise a :class:`~qdetr.errors.DataError` naming the file and the record;
+* unreadable images raise an :class:`~qdetr.errors.InputImageError` naming the file.
 """
 
 from __future__ import annotations
@@ -42,8 +46,13 @@ from typing import Callable, Literal
 import torch
 from PIL import Image
 from torchvision import tv_tensors
+from pycocotools.coco import COCO
 from torchvision.datasets import CocoDetection
+from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms.v2 import functional as TF
+
+from qdetr.data.coco_validation import read_coco_json, validate_coco_annotations
+from qdetr.image_io import read_rgb_image
 
 __all__ = ["CocoDetectionDataset", "AnnotationReport", "boxes_xyxy_to_cxcywh_normalized"]
 
@@ -129,6 +138,8 @@ class CocoDetectionDataset(CocoDetection):
 
     Raises:
         FileNotFoundError: when ``ann_file`` or ``image_dir`` does not exist, or images are missing.
+        DataError: a malformed annotation file; the message names the file and the record
+            (see :mod:`qdetr.data.coco_validation`).
         ValueError: for an unknown ``missing_images`` option.
 
     Examples:
@@ -171,8 +182,14 @@ class CocoDetectionDataset(CocoDetection):
             raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
         if not image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {image_dir} (check the image_dir setting)")
+        data = read_coco_json(ann_file)
+        validate_coco_annotations(data, ann_file=ann_file, image_dir=image_dir)
+        VisionDataset.__init__(self, str(image_dir))  # CocoDetection's set-up, from the validated dict
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            super().__init__(str(image_dir), str(ann_file))
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs.keys())
         self.detr_transforms = transforms
         self.report = self._check_annotations(missing_images)
 
@@ -247,12 +264,9 @@ class CocoDetectionDataset(CocoDetection):
     def _load_image(self, id: int) -> Image.Image:  # noqa: A002 - torchvision's name
         path = os.path.join(self.root, self.coco.loadImgs(id)[0]["file_name"])
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")  # grayscale, palette, RGBA, CMYK -> RGB
+            return read_rgb_image(path)  # grayscale, palette, RGBA, CMYK, 16-bit -> 8-bit RGB
         except FileNotFoundError as error:
             raise FileNotFoundError(f"image file disappeared after the dataset was built: {path}") from error
-        except OSError as error:
-            raise OSError(f"cannot read image {path}: {error}") from error
 
     def _raw_target(self, image_id: int, height: int, width: int) -> dict:
         boxes, labels = [], []

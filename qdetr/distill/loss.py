@@ -57,6 +57,19 @@ def fake_quantize_teacher_4bit(features: torch.Tensor) -> torch.Tensor:
     return (torch.round(torch.clamp(x / step + zero_point, -8.0, 7.0)) - zero_point) * step
 
 
+def _check_target_boxes(targets: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse NaN/inf target boxes: they would silently select no (or every) foreground query."""
+    from qdetr.errors import DataError
+
+    for index, target in enumerate(targets):
+        boxes = target.get("boxes") if isinstance(target, Mapping) else None
+        if isinstance(boxes, torch.Tensor) and boxes.numel() and not bool(torch.isfinite(boxes).all()):
+            raise DataError(
+                f"targets[{index}]['boxes'] contains NaN or infinite values; fix or drop those annotations "
+                "(qdetr.data.CocoDetectionDataset refuses them when it reads the annotation file)"
+            )
+
+
 class DistillationLoss(nn.Module):
     """Q-DETR distribution rectification distillation (DRD) with foreground-aware query matching.
 
@@ -206,6 +219,7 @@ class DistillationLoss(nn.Module):
                 f"student and teacher feature sizes differ ({d_s} vs {d_t}); DRD compares features directly, "
                 "so use a teacher with the same d_model (the paper's teachers share the student's width)"
             )
+        _check_target_boxes(targets)
 
     def forward(
         self,

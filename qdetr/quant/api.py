@@ -121,6 +121,8 @@ def quantize_model(
     Raises:
         ValueError: bits outside 2..8, unknown profile, a rule matching nothing, or an
             already quantized model.
+        ConfigError: ``model`` is a bare ``nn.Linear`` / ``nn.Conv2d`` / attention (it cannot
+            be replaced in place; wrap it in ``nn.Sequential``).
         NotImplementedError: an attention module that cannot be reached (name it in
             ``keep_float`` to keep it in float on purpose).
 
@@ -146,6 +148,13 @@ def quantize_model(
         config = QuantConfig(bits=bits, profile=profile)
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if isinstance(model, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
+        from qdetr.errors import ConfigError
+
+        raise ConfigError(
+            f"quantize_model replaces layers inside a model and returns the same object, so it cannot quantize a bare "
+            f"{type(model).__name__}; wrap it: quantize_model(nn.Sequential(layer), bits=4)[0]"
+        )
     if is_quantized(model):
         raise ValueError(
             "model is already quantized (it contains qdetr quantizers); quantize a fresh float model, "

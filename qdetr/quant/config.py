@@ -45,7 +45,7 @@ def check_bits(bits: Any, what: str = "bits") -> int:
         ``bits``.
 
     Raises:
-        ValueError: if ``bits`` is not an integer in 2..8.
+        ConfigError: (a ``ValueError``) if ``bits`` is not an integer in 2..8 (``4.9`` is refused, not truncated).
 
     Examples:
         >>> check_bits(4)
@@ -53,10 +53,12 @@ def check_bits(bits: Any, what: str = "bits") -> int:
         >>> check_bits(16, "weight_bits")
         Traceback (most recent call last):
             ...
-        ValueError: weight_bits must be an integer from 2 to 8 (2, 3, 4 and 8 are the tested widths); got 16
+        qdetr.errors.ConfigError: weight_bits must be an integer from 2 to 8 (2, 3, 4 and 8 are the tested widths); got 16
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(
+        from qdetr.errors import ConfigError
+
+        raise ConfigError(
             f"{what} must be an integer from 2 to 8 (2, 3, 4 and 8 are the tested widths); got {bits!r}"
         )
     return bits
