@@ -12,7 +12,7 @@ import inspect
 
 import pytest
 
-PACKAGES = ["qdetr", "qdetr.quant", "qdetr.distill", "qdetr.models", "qdetr.zoo", "qdetr.data", "qdetr.engine"]
+PACKAGES = ["qdetr", "qdetr.quant", "qdetr.distill", "qdetr.models", "qdetr.zoo", "qdetr.data", "qdetr.engine", "qdetr.ops"]
 
 
 def _public_callables(package_name: str) -> list[tuple[str, object]]:

@@ -24,46 +24,14 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from qdetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou_xyxy
+
 __all__ = [
     "stack_target_boxes",
     "select_foreground_queries",
     "teacher_matching_score",
     "match_teacher_queries",
 ]
-
-
-def _cxcywh_to_xyxy(boxes_cxcywh: torch.Tensor) -> torch.Tensor:
-    """(..., 4) cxcywh -> (..., 4) xyxy (same arithmetic as ``torchvision.ops.box_convert``)."""
-    cx, cy, w, h = boxes_cxcywh.unbind(-1)
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
-
-
-def _batched_generalized_box_iou_xyxy(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU per image.
-
-    The arithmetic follows ``torchvision.ops.generalized_box_iou``; zero unions and zero hull
-    areas (degenerate boxes from a saturated sigmoid) are clamped to the smallest normal float
-    so the result stays finite (it is unchanged wherever the areas are non-zero).
-
-    Args:
-        boxes1_xyxy: (B, N, 4) xyxy boxes.
-        boxes2_xyxy: (B, M, 4) xyxy boxes.
-
-    Returns:
-        (B, N, M) GIoU in [-1, 1].
-    """
-    tiny = torch.finfo(boxes1_xyxy.dtype).tiny
-    area1 = (boxes1_xyxy[..., 2] - boxes1_xyxy[..., 0]) * (boxes1_xyxy[..., 3] - boxes1_xyxy[..., 1])  # (B, N)
-    area2 = (boxes2_xyxy[..., 2] - boxes2_xyxy[..., 0]) * (boxes2_xyxy[..., 3] - boxes2_xyxy[..., 1])  # (B, M)
-    a = boxes1_xyxy[:, :, None, :]  # (B, N, 1, 4)
-    b = boxes2_xyxy[:, None, :, :]  # (B, 1, M, 4)
-    wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)  # (B, N, M, 2)
-    inter = wh[..., 0] * wh[..., 1]
-    union = (area1[:, :, None] + area2[:, None, :] - inter).clamp(min=tiny)
-    iou = inter / union
-    wh_hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
-    area_hull = (wh_hull[..., 0] * wh_hull[..., 1]).clamp(min=tiny)
-    return iou - (area_hull - union) / area_hull
 
 
 def _check_boxes(name: str, boxes_cxcywh: torch.Tensor) -> None:
@@ -166,7 +134,7 @@ def select_foreground_queries(
         raise ValueError(f"gt_valid must be (B, G) = {tuple(gt_boxes_cxcywh.shape[:2])}, got {tuple(gt_valid.shape)}")
     student = student_boxes_cxcywh.detach()
     gt = gt_boxes_cxcywh.to(student.dtype)
-    giou = _batched_generalized_box_iou_xyxy(_cxcywh_to_xyxy(gt), _cxcywh_to_xyxy(student))  # (B, G, Q)
+    giou = generalized_box_iou_xyxy(box_cxcywh_to_xyxy(gt), box_cxcywh_to_xyxy(student))  # (B, G, Q)
     best = giou.max(dim=-1).values  # (B, G): G_i
     active = gt_valid & (best > 0)  # (B, G)
     above = giou > (tau * best)[..., None]  # (B, G, Q)
@@ -211,7 +179,7 @@ def teacher_matching_score(
         )
     s = student_boxes_cxcywh.detach()
     t = teacher_boxes_cxcywh.detach().to(s.dtype)
-    giou = _batched_generalized_box_iou_xyxy(_cxcywh_to_xyxy(s), _cxcywh_to_xyxy(t))  # (B, Q_s, Q_t)
+    giou = generalized_box_iou_xyxy(box_cxcywh_to_xyxy(s), box_cxcywh_to_xyxy(t))  # (B, Q_s, Q_t)
     l1 = (s[:, :, None, :] - t[:, None, :, :]).abs().sum(dim=-1)  # (B, Q_s, Q_t)
     return mu_giou * giou - mu_l1 * l1
 

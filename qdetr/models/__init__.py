@@ -7,7 +7,7 @@ real pixel) and return a :class:`DetectionOutput` dict with ``pred_logits`` (B, 
 """
 
 from qdetr.models.backbone import Backbone, ResNetBody, load_backbone_weights
-from qdetr.models.box_ops import (
+from qdetr.ops.boxes import (
     box_cxcywh_to_xyxy,
     box_iou_xyxy,
     box_xyxy_to_cxcywh,

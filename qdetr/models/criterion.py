@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from qdetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_xyxy
+from qdetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou_xyxy
 from qdetr.models.config import DetrConfig, SmcaConfig
 from qdetr.models.matcher import HungarianMatcher, target_boxes_cxcywh, target_labels
 

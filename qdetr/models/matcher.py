@@ -18,7 +18,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from qdetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_xyxy
+from qdetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou_xyxy
 
 __all__ = ["HungarianMatcher", "target_labels", "target_boxes_cxcywh"]
 

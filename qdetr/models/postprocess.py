@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from qdetr.models.box_ops import box_cxcywh_to_xyxy, scale_boxes_xyxy
+from qdetr.ops.boxes import box_cxcywh_to_xyxy, scale_boxes_xyxy
 
 __all__ = ["post_process_object_detection"]
 

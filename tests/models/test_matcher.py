@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qdetr.models import HungarianMatcher
-from qdetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_xyxy
+from qdetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou_xyxy
 from qdetr.testing import example_targets
 
 
