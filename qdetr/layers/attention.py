@@ -116,11 +116,6 @@ class MultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    @property
-    def has_active_slots(self) -> bool:
-        """True when any slot holds something other than ``nn.Identity``."""
-        return any(not isinstance(getattr(self, s), nn.Identity) for s in AttentionSlots)
-
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "

@@ -53,8 +53,8 @@ class DetrConfig:
     Examples:
         >>> from qdetr.models import DetrConfig
         >>> config = DetrConfig(num_classes=20)
-        >>> config.num_logits, config.classification
-        (21, 'softmax')
+        >>> config.num_classes, config.classification
+        (20, 'softmax')
         >>> DetrConfig.from_dict(config.to_dict()) == config
         True
         >>> DetrConfig(hidden_dim=100, nheads=8)
@@ -111,11 +111,6 @@ class DetrConfig:
     def classification(self) -> str:
         """``"softmax"`` (DETR cross-entropy head) or ``"sigmoid"`` (focal head)."""
         return "softmax"
-
-    @property
-    def num_logits(self) -> int:
-        """Columns of ``pred_logits``: ``num_classes + 1``."""
-        return self.num_classes + 1
 
     def replace(self, **changes: Any) -> "DetrConfig":
         """A copy with some fields changed (validated again)."""

@@ -4,7 +4,7 @@ Released Q-DETR SMCA-DETR-R50 checkpoints (Hzbupahaozi/Q-DETR README; see
 ``docs/zoo.md``). Their SHA-256 and sizes were never published: the digest of the first
 verified download is recorded in the cache metadata and enforced from then on. No float
 SMCA teacher was released; float teachers and our own trained models are added here as
-``converter="qdetr"`` entries with an ``hf_hub_id`` once they are published.
+entries with an ``hf_hub_id`` once they are published.
 
 Examples:
     >>> from qdetr.zoo.entries import QDETR_RELEASE_ENTRIES
@@ -28,7 +28,6 @@ _RELEASE_LICENSE = "unspecified (the Q-DETR release repository ships no licence 
 QDETR_RELEASE_ENTRIES = (
     PretrainedEntry(
         name="qdetr_smca_r50.w4a4attn8_seed_coco_e50",
-        converter="release",
         bits=4,
         attn_bits=8,
         profile="seed",
@@ -44,7 +43,6 @@ QDETR_RELEASE_ENTRIES = (
     ),
     PretrainedEntry(
         name="qdetr_smca_r50.w2a2attn8_seed_coco_e50",
-        converter="release",
         bits=2,
         attn_bits=8,
         profile="seed",

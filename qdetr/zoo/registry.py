@@ -5,9 +5,8 @@ the part before the dot is a :func:`qdetr.models.create_model` name, the tag aft
 the weights. Registering a name twice raises.
 
 Each entry says where the bytes come from (exactly one of a Google Drive file id, a plain
-URL, or a Hugging Face Hub repository), how to turn them into a model (``converter``:
-``"release"`` for Q-DETR release ``.pth`` files, ``"qdetr"`` for our own saved format), and
-what is known about them (bits, profile, reported COCO AP, licence, recipe).
+URL, or a Hugging Face Hub repository; file hosts serve Q-DETR release ``.pth`` files, the
+Hub our own saved format), and what is known about them (bits, profile, reported COCO AP, licence, recipe).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 __all__ = [
     "PretrainedEntry",
@@ -38,8 +37,6 @@ class PretrainedEntry:
 
     Attributes:
         name: ``<arch>.<tag>``; ``arch`` is the :func:`qdetr.models.create_model` name.
-        converter: ``"release"`` (Q-DETR release ``.pth``, converted on first use) or
-            ``"qdetr"`` (a directory saved by ``save_pretrained``).
         bits: weight/activation bits, None for float models.
         attn_bits: bits of attention q/k/v/softmax, None for float models.
         profile: quantization profile (``"seed"``/``"paper"``), None for float models.
@@ -59,23 +56,25 @@ class PretrainedEntry:
         description: one line for listings.
         extra: free-form metadata.
 
+    The source says how the weights are read: a file host (``gdrive_id`` / ``url``) serves a
+    Q-DETR release ``.pth`` (converted on first use), the Hub (``hf_hub_id``) a directory saved
+    by ``save_pretrained``.
+
     Raises:
-        ValueError: for a malformed name, an unknown converter, not exactly one source, or
-            a malformed ``sha256``.
+        ValueError: for a malformed name, not exactly one source, or a malformed ``sha256``.
 
     Examples:
         >>> from qdetr.zoo import PretrainedEntry
-        >>> entry = PretrainedEntry(name="detr_tiny.demo_coco", converter="qdetr", hf_hub_id="my-org/detr-tiny-demo")
+        >>> entry = PretrainedEntry(name="detr_tiny.demo_coco", hf_hub_id="my-org/detr-tiny-demo")
         >>> entry.arch, entry.source
         ('detr_tiny', 'hf-hub:my-org/detr-tiny-demo')
-        >>> PretrainedEntry(name="Bad Name", converter="qdetr", hf_hub_id="my-org/detr-tiny-demo")
+        >>> PretrainedEntry(name="Bad Name", hf_hub_id="my-org/detr-tiny-demo")
         Traceback (most recent call last):
         ...
         ValueError: zoo name 'Bad Name' must look like '<arch>.<tag>' (lowercase, digits, '_')
     """
 
     name: str
-    converter: Literal["release", "qdetr"]
     bits: int | None = None
     attn_bits: int | None = None
     profile: str | None = None
@@ -98,15 +97,11 @@ class PretrainedEntry:
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise ValueError(f"zoo name {self.name!r} must look like '<arch>.<tag>' (lowercase, digits, '_')")
-        if self.converter not in ("release", "qdetr"):
-            raise ValueError(f"converter must be 'release' or 'qdetr'; got {self.converter!r}")
         sources = [s for s in (self.gdrive_id, self.url, self.hf_hub_id) if s]
         if len(sources) != 1:
             raise ValueError(f"{self.name}: give exactly one of gdrive_id, url or hf_hub_id; got {len(sources)}")
         if (self.gdrive_id or self.url) and not self.filename:
             raise ValueError(f"{self.name}: file-host sources need filename=")
-        if self.converter == "release" and self.hf_hub_id:
-            raise ValueError(f"{self.name}: release checkpoints come from file hosts; use converter='qdetr' for Hub")
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits")
 
@@ -144,7 +139,7 @@ def register_pretrained(entry: PretrainedEntry) -> PretrainedEntry:
     Examples:
         >>> from qdetr.zoo import PretrainedEntry, list_pretrained, register_pretrained
         >>> from qdetr.zoo.registry import unregister_pretrained
-        >>> entry = PretrainedEntry(name="detr_tiny.demo_coco", converter="qdetr", hf_hub_id="my-org/detr-tiny-demo")
+        >>> entry = PretrainedEntry(name="detr_tiny.demo_coco", hf_hub_id="my-org/detr-tiny-demo")
         >>> _ = register_pretrained(entry)
         >>> list_pretrained("detr_tiny.*")
         ['detr_tiny.demo_coco']
@@ -176,8 +171,8 @@ def get_pretrained_entry(name: str) -> PretrainedEntry:
     Examples:
         >>> from qdetr.zoo import get_pretrained_entry
         >>> entry = get_pretrained_entry("qdetr_smca_r50.w4a4attn8_seed_coco_e50")
-        >>> entry.bits, entry.attn_bits, entry.profile, entry.converter, entry.arch
-        (4, 8, 'seed', 'release', 'qdetr_smca_r50')
+        >>> entry.bits, entry.attn_bits, entry.profile, entry.arch
+        (4, 8, 'seed', 'qdetr_smca_r50')
     """
     try:
         return _REGISTRY[name]

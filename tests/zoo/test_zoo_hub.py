@@ -172,7 +172,7 @@ def test_hub_zoo_entry_offline(tmp_path, hub_offline):
     save_pretrained(tiny_quantized_smca(3), tmp_path / "export")
     commit = "fedcba9876543210fedcba9876543210fedcba98"
     _fill_hub_cache(hub_offline, "qdetr-test/own-w3", commit, tmp_path / "export")
-    entry = zoo.PretrainedEntry(name="qdetr_smca_tiny.w3a3attn8_test", converter="qdetr", bits=3, attn_bits=8,
+    entry = zoo.PretrainedEntry(name="qdetr_smca_tiny.w3a3attn8_test", bits=3, attn_bits=8,
                                 profile="seed", hf_hub_id="qdetr-test/own-w3")
     zoo.register_pretrained(entry)
     try:

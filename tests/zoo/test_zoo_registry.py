@@ -41,15 +41,15 @@ def test_duplicate_and_invalid_entries_raise():
     with pytest.raises(ValueError, match="already registered"):
         zoo.register_pretrained(zoo.get_pretrained_entry(RELEASE_4))
     with pytest.raises(ValueError, match="exactly one of"):
-        PretrainedEntry(name="a.b", converter="release", filename="x.pth")
+        PretrainedEntry(name="a.b", filename="x.pth")
     with pytest.raises(ValueError, match="exactly one of"):
-        PretrainedEntry(name="a.b", converter="qdetr", url="http://x/y", hf_hub_id="o/r", filename="y")
+        PretrainedEntry(name="a.b", url="http://x/y", hf_hub_id="o/r", filename="y")
     with pytest.raises(ValueError, match="<arch>.<tag>"):
-        PretrainedEntry(name="NoDot", converter="qdetr", hf_hub_id="o/r")
+        PretrainedEntry(name="NoDot", hf_hub_id="o/r")
     with pytest.raises(ValueError, match="need filename"):
-        PretrainedEntry(name="a.b", converter="release", url="http://x/y")
+        PretrainedEntry(name="a.b", url="http://x/y")
     with pytest.raises(ValueError, match="64 lowercase hex"):
-        PretrainedEntry(name="a.b", converter="release", url="http://x/y", filename="y", sha256="abc")
+        PretrainedEntry(name="a.b", url="http://x/y", filename="y", sha256="abc")
 
 
 def test_unknown_names_suggest_close_matches():
@@ -115,7 +115,7 @@ def test_cli_convert_parses_its_arguments():
 
 
 def test_custom_url_entry_round_trip():
-    entry = PretrainedEntry(name="mine.test_entry", converter="release", url="http://127.0.0.1:1/x.pth",
+    entry = PretrainedEntry(name="mine.test_entry", url="http://127.0.0.1:1/x.pth",
                             filename="x.pth", bits=4)
     zoo.register_pretrained(entry)
     try:

@@ -51,7 +51,7 @@ def tiny_entry(qdetr_cache, loopback, monkeypatch):
     loopback.add("/uc", Route(html=page))
     loopback.add("/download", Route(data=data, confirm_param=("confirm", "t"), truncate_at=len(data) // 3,
                                     truncate_times=1))
-    entry = PretrainedEntry(name=f"{TINY}.w4a4attn8_seed_test", converter="release", bits=4, attn_bits=8,
+    entry = PretrainedEntry(name=f"{TINY}.w4a4attn8_seed_test", bits=4, attn_bits=8,
                             profile="seed", gdrive_id="TINY4", filename="ckpt_4_bit_tiny.pth", box_ap=12.5,
                             box_ap_source="test fixture")
     zoo.register_pretrained(entry)
@@ -97,7 +97,7 @@ def test_zoo_corrupted_download_caches_nothing(qdetr_cache, loopback, monkeypatc
     corrupted = bytearray(good)
     corrupted[len(corrupted) // 2] ^= 0xFF
     url = loopback.add("/files/ckpt_2_bit_tiny.pth", Route(data=bytes(corrupted)))
-    entry = PretrainedEntry(name=f"{TINY}.w2a2attn8_corrupt_test", converter="release", bits=2, url=url,
+    entry = PretrainedEntry(name=f"{TINY}.w2a2attn8_corrupt_test", bits=2, url=url,
                             filename="ckpt_2_bit_tiny.pth", sha256=sha256_hex(good))
     zoo.register_pretrained(entry)
     try:
