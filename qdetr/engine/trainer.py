@@ -49,7 +49,8 @@ from qdetr.engine.resume_check import check_resume_config
 from qdetr.errors import ResumeMismatchError
 from qdetr.engine.distributed import DistributedContext, init_distributed
 from qdetr.engine.evaluate import CocoEvalResult, evaluate_coco
-from qdetr.zoo.run_files import RUN_CHECKPOINT_NAME, RUN_MODEL_DIR, load_state_dict_checked, read_state_dict
+from qdetr.zoo.resolve import resolve_state_dict
+from qdetr.zoo.run_files import RUN_CHECKPOINT_NAME, RUN_MODEL_DIR, load_state_dict_checked
 from qdetr.engine.optim import build_param_groups
 from qdetr.engine.run_log import RunLog, plot_curves
 
@@ -230,7 +231,7 @@ class Trainer:
         self._unfreeze_backbone(model)
         if cfg.quant.bits is not None and cfg.quant.float_checkpoint:
             load_state_dict_checked(
-                model, read_state_dict(cfg.quant.float_checkpoint), source=f"float checkpoint {cfg.quant.float_checkpoint}"
+                model, resolve_state_dict(cfg.quant.float_checkpoint), source=f"float checkpoint {cfg.quant.float_checkpoint}"
             )
         quant = self._quant_config(stage)
         self._quantize(model, stage)
@@ -262,7 +263,7 @@ class Trainer:
         spec = cfg.distill.teacher_model or cfg.model
         teacher = self._float_model(spec)
         path = cfg.distill.teacher_checkpoint or cfg.quant.float_checkpoint
-        load_state_dict_checked(teacher, read_state_dict(path), source=f"teacher checkpoint {path}")
+        load_state_dict_checked(teacher, resolve_state_dict(path), source=f"teacher checkpoint {path}")
         return FrozenTeacher(teacher.to(self.ctx.device))
 
     def _calibration_batches(self, epoch: int):

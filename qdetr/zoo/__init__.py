@@ -25,7 +25,7 @@ from qdetr.zoo.hub import load_from_hub, load_pretrained_dir, push_to_hub, save_
 from qdetr.zoo.packing import pack_codes, unpack_codes
 from qdetr.zoo.prediction import predict
 from qdetr.zoo.pretrained import attach_pretrained_methods, from_pretrained
-from qdetr.zoo.resolve import resolve_model
+from qdetr.zoo.resolve import resolve_model, resolve_state_dict
 from qdetr.zoo.registry import PretrainedEntry, get_pretrained_entry, list_pretrained, register_pretrained
 from qdetr.zoo.release import BitWidthError, load_release_checkpoint
 from qdetr.zoo.release_format import (
@@ -39,6 +39,7 @@ from qdetr.zoo.safe_load import UnsafeCheckpointError, load_checkpoint_file
 __all__ = [
     # loading and saving
     "resolve_model",
+    "resolve_state_dict",
     "from_pretrained",
     "list_pretrained",
     "save_pretrained",

@@ -32,6 +32,8 @@ def run_convert(args: argparse.Namespace) -> int:
     """Handler of ``qdetr convert``."""
     from qdetr.zoo.hub import save_pretrained
     from qdetr.zoo.release import load_release_checkpoint
+    from qdetr.zoo.resolve import resolve_model
+    from qdetr.zoo.run_files import LEGACY_MODEL_FILE, RUN_CHECKPOINT_NAME
 
     source = Path(args.release)
     out = Path(args.out_dir)
@@ -39,15 +41,22 @@ def run_convert(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {out} is not empty; pass --overwrite to replace its model files\n")
         return 2
     start = time.perf_counter()
-    model = load_release_checkpoint(source, bits=args.bits, model_name=args.model)
+    if source.is_file() and source.name not in (LEGACY_MODEL_FILE, RUN_CHECKPOINT_NAME):
+        model = load_release_checkpoint(source, bits=args.bits, model_name=args.model)  # a release .pth
+    else:
+        model = resolve_model(args.release, bits=args.bits)  # the one resolver: run folder, .pth, zoo name, ...
     save_pretrained(model, out, base_model=args.base_model)
     seconds = time.perf_counter() - start
-    info = model.qdetr_pretrained_config["provenance"]
-    src_size, out_size = _size(source), _size(out / "model.safetensors")
+    info = model.qdetr_pretrained_config.get("provenance") or {}
+    out_size = _size(out / "model.safetensors")
+    sizes = f"model.safetensors {_mb(out_size)}"
+    if source.is_file():
+        sizes = f"source {_mb(_size(source))}, {sizes} ({out_size / _size(source):.3f}x)"
+    bits = (model.qdetr_pretrained_config.get("quantization") or {}).get("bits")
+    origin = f", from {info['bits_source']}" if "bits_source" in info else ""
     sys.stdout.write(
-        f"converted {source.name} ({info['bits']}-bit, from {info['bits_source']}) -> {out}\n"
-        f"  source {_mb(src_size)}, model.safetensors {_mb(out_size)} ({out_size / src_size:.3f}x) "
-        f"in {seconds:.1f} s\n"
+        f"converted {source.name or args.release} ({f'{bits}-bit' if bits else 'float'}{origin}) -> {out}\n"
+        f"  {sizes} in {seconds:.1f} s\n"
         f"  load it with qdetr.from_pretrained({str(out)!r})\n"
     )
     return 0
@@ -120,11 +129,12 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     """
     convert = subparsers.add_parser(
         "convert",
-        help="convert a Q-DETR release checkpoint into a packed qdetr directory",
-        description="Convert a Q-DETR release .pth (e.g. ckpt_4_bit_smca_detr_coco.pth) into config.json + "
-        "packed model.safetensors + README.md. The file is loaded with torch.load(weights_only=True).",
+        help="convert a model (release .pth, run folder, checkpoint, zoo name, ...) into a packed qdetr directory",
+        description="Convert any model source (a Q-DETR release .pth such as ckpt_4_bit_smca_detr_coco.pth, a "
+        "training run folder, a model_final.pt / checkpoint.pt, a zoo name or a Hub id) into config.json + "
+        "packed model.safetensors + README.md. Files are loaded with torch.load(weights_only=True).",
     )
-    convert.add_argument("release", metavar="RELEASE.pth", help="release checkpoint file")
+    convert.add_argument("release", metavar="SOURCE", help="release .pth, run folder, model file, zoo name or Hub id")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
     convert.add_argument("--bits", type=int, default=None,
                          help="bit width (2 or 4); required when the file has no args.n_bit and no ckpt_<b>_bit name")

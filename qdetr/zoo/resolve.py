@@ -39,7 +39,7 @@ from qdetr.zoo.run_files import (
     run_model_path,
 )
 
-__all__ = ["resolve_model"]
+__all__ = ["resolve_model", "resolve_state_dict"]
 
 _HUB_ID_RE = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
@@ -177,3 +177,35 @@ def resolve_model(
         model.to(device)
     model.eval()
     return attach_pretrained_methods(model)
+
+
+def resolve_state_dict(source: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
+    """The weights of any model source, for loading into a model built elsewhere (QAT start, teacher).
+
+    Local files and folders are read without building a model
+    (:func:`qdetr.zoo.run_files.read_state_dict`); zoo names and Hub ids go through
+    :func:`resolve_model`.
+
+    Args:
+        source: as for :func:`resolve_model`.
+        **kwargs: forwarded to :func:`resolve_model` (``revision``, ``cache_dir``, ``bits``).
+
+    Returns:
+        name -> tensor.
+
+    Examples:
+        >>> import tempfile
+        >>> from qdetr.models import create_model
+        >>> from qdetr.zoo import resolve_state_dict
+        >>> model = create_model("detr_tiny")
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = model.save_pretrained(tmp)
+        ...     weights = resolve_state_dict(tmp)
+        >>> weights.keys() == model.state_dict().keys()
+        True
+    """
+    from qdetr.zoo.run_files import read_state_dict
+
+    if Path(os.fspath(source)).expanduser().exists():
+        return read_state_dict(Path(os.fspath(source)).expanduser())
+    return resolve_model(source, **kwargs).state_dict()

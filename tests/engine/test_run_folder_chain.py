@@ -75,3 +75,14 @@ def test_a_run_folder_without_a_model_yet_says_so(tmp_path, capsys):
     images = [str(p) for p in sorted((COCO_MINI / "val2017").glob("*.jpg"))[:1]]
     assert main(["predict", str(run), *images, "--out", str(tmp_path / "pred")]) == 2
     assert "training run folder without a model yet" in capsys.readouterr().err
+
+
+def test_convert_takes_a_run_folder(tmp_path, capsys):
+    from qdetr.zoo import resolve_model
+
+    run = tmp_path / "run"
+    assert main(["train", "--output-dir", str(run), *_data_flags(), *_TINY, "--set", "final_eval=false"]) == 0
+    assert main(["convert", str(run), str(tmp_path / "packed")]) == 0
+    assert "float" in capsys.readouterr().out
+    a, b = resolve_model(run), resolve_model(tmp_path / "packed")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
