@@ -77,6 +77,7 @@ def test_demo_quick_writes_table_picture_and_packed_models(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| float teacher |" in out and "2-bit Q-DETR" in out
+    assert "demo-float: epoch 1/1" in out and "demo-w2a2_qdetr: epoch 1/1" in out  # a line per epoch
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
     assert list(rows) == ["float teacher", "4-bit LSQ", "4-bit Q-DETR", "2-bit LSQ", "2-bit Q-DETR"]

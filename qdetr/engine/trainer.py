@@ -168,6 +168,10 @@ class Trainer:
 
     Args:
         config: the run.
+        on_epoch_end: called on the main process after every finished epoch with
+            ``{"epoch", "epochs", "step", "loss", "seconds"}`` (1-based epoch, last logged
+            loss, seconds since :meth:`fit` started); the demo prints one line per epoch with
+            it, which stays readable when stdout is not a terminal (unlike progress bars).
 
     Examples:
         >>> cfg = TrainConfig(output_dir="runs/fp", epochs=20)      # doctest: +SKIP
@@ -193,9 +197,10 @@ class Trainer:
         True
     """
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, on_epoch_end=None) -> None:
         self.config = config
         self.output_dir = Path(config.output_dir)
+        self.on_epoch_end = on_epoch_end
 
     # ------------------------------------------------------------------ setup
     def _stage_for_epoch(self, epoch: int) -> int:
@@ -583,6 +588,9 @@ class Trainer:
             self.scheduler.step()
             epochs_done = epoch + 1
             self._save(epoch + 1, 0, global_step)
+            if self.on_epoch_end is not None and ctx.is_main:
+                self.on_epoch_end({"epoch": epoch + 1, "epochs": cfg.epochs, "step": global_step,
+                                   "loss": last_losses.get("loss"), "seconds": time.time() - t0})
             last_epoch = epoch + 1 == cfg.epochs
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and not last_epoch:
                 self.evaluate(epoch + 1)
