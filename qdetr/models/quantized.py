@@ -65,7 +65,11 @@ def build_qdetr_smca(
     Args:
         config: the float architecture (:class:`~qdetr.models.config.SmcaConfig`).
         bits: b of "W b / A b / Attn 8" (2, 3 or 4 for the Q-DETR settings).
-        profile: ``"seed"`` (released checkpoints) or ``"paper"``.
+        profile: ``"seed"`` (released checkpoints) or ``"paper"``. The default differs from
+            :func:`qdetr.quant.quantize_model`'s ``"paper"`` on purpose: this builder makes the
+            release layout (the ``qdetr_*`` registry entries, :mod:`qdetr.zoo.release`), whose
+            checkpoints were trained with the seed profile; ``quantize_model`` applies the method
+            as published to any detector.
         quant_config: a full ``qdetr.quant.QuantConfig``; overrides ``bits`` and ``profile``
             (its ``profile`` decides the alignment slot).
 

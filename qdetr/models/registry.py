@@ -143,7 +143,10 @@ def create_model(name: str, **overrides) -> nn.Module:
     Args:
         name: a name from :func:`list_models`.
         **overrides: config fields to change (e.g. ``num_classes=20``), and for quantized
-            entries ``bits`` / ``profile``.
+            entries ``bits`` / ``profile``. Their ``profile`` defaults to ``"seed"``: these
+            entries rebuild the released Q-DETR checkpoints (DA on the decoder self-attention),
+            while :func:`qdetr.quant.quantize_model` defaults to ``"paper"``, the method as
+            published, for any detector.
 
     Returns:
         The untrained model, in train mode (no weights are downloaded). Its
@@ -224,8 +227,9 @@ def _register_quantized(name: str, config: SmcaConfig) -> None:
 
     builder.__name__ = name
     builder.__doc__ = (
-        f"Quantized SMCA-DETR ``{name}``: ``bits`` (2/3/4), ``profile`` (``'seed'`` or ``'paper'``), "
-        "optional ``quant_config`` and config ``overrides``."
+        f"Quantized SMCA-DETR ``{name}``: ``bits`` (2/3/4), ``profile`` (``'seed'``, the default: the released "
+        "checkpoints' layout, or ``'paper'``, quantize_model's default), optional ``quant_config`` and config "
+        "``overrides``."
     )
     register_model(name, config)(builder)
 

@@ -113,7 +113,9 @@ def quantize_model(
             transformers ``DetrForObjectDetection``, ...).
         bits: b in "W b / A b / Attn 8"; ignored when ``config`` is given.
         config: full configuration (bits, profile, overrides, keep_float, numerics).
-        profile: ``"paper"`` or ``"seed"``; ignored when ``config`` is given.
+        profile: ``"paper"`` or ``"seed"``; ignored when ``config`` is given. The default is
+            the method as published; ``create_model("qdetr_...")`` / ``build_qdetr_smca``
+            default to ``"seed"`` because they rebuild the released checkpoints.
 
     Returns:
         The same ``model`` object.
