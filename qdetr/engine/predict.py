@@ -8,7 +8,11 @@ preprocessed with :func:`qdetr.models.preprocess_images` and the model's recorde
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +22,6 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
-from qdetr.atomic_write import atomic_path
 from qdetr.engine.prediction_outputs import prediction_output_paths
 from qdetr.image_io import read_rgb_image
 
@@ -134,7 +137,8 @@ def predict_images(
         FileNotFoundError: for a missing image file (named in the message).
         InputImageError: an image file that cannot be read or used (named in the message).
         OutputExistsError: an output would replace an input, or an earlier output without
-            ``overwrite``; checked before anything is written.
+            ``overwrite``; checked before anything is written. On any failure nothing in
+            ``out_dir`` is created or replaced (outputs are staged and moved into place at the end).
 
     Examples:
         >>> import tempfile
@@ -157,15 +161,39 @@ def predict_images(
         >>> len(detections) > 0, sorted(detections[0])
         (True, ['box_xyxy', 'category_id', 'label', 'score'])
     """
-    from qdetr.models import post_process_object_detection, preprocess_images
-
     out_dir = Path(out_dir)
     image_paths = [Path(p) for p in image_paths]
     missing = [str(p) for p in image_paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"image not found: {', '.join(missing[:5])}")
     output_paths, summary_path = prediction_output_paths(image_paths, out_dir, overwrite=overwrite)
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
+    # All or nothing: outputs are written to a hidden staging folder and moved into place at the end, so a
+    # failure (an unreadable image, Ctrl-C) leaves the output folder as it was. A killed run leaves only a
+    # hidden .qdetr-predict-* folder, which later runs ignore.
+    staging = Path(tempfile.mkdtemp(prefix=".qdetr-predict-", dir=out_dir))
+    try:
+        records = _predict_into(loaded, image_paths, output_paths, staging, threshold=threshold, device=device,
+                                box_width=box_width, display_short_side=display_short_side)
+        (staging / summary_path.name).write_text(json.dumps(records, indent=1))
+        for output in [*output_paths, summary_path]:
+            os.replace(staging / output.name, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return records
+
+
+def _predict_into(loaded: LoadedModel, image_paths: list[Path], output_paths: list[Path], staging: Path, *,
+                  threshold: float, device, box_width: int, display_short_side: int | None) -> list[dict]:
+    """Run the model on each image and write the drawn copies into ``staging`` (named as their final outputs)."""
+    from qdetr.models import post_process_object_detection, preprocess_images
+
     model = loaded.model.to(device).eval()
     records = []
     for image_path, output in zip(image_paths, output_paths):
@@ -193,8 +221,7 @@ def predict_images(
             if labels
             else canvas
         )
-        with atomic_path(output) as tmp:
-            TF.to_pil_image(drawn).save(tmp, format="PNG")
+        TF.to_pil_image(drawn).save(staging / output.name, format="PNG")
         records.append(
             {
                 "image": str(image_path),
@@ -210,6 +237,4 @@ def predict_images(
                 ],
             }
         )
-    with atomic_path(summary_path) as tmp:
-        tmp.write_text(json.dumps(records, indent=1))
     return records
