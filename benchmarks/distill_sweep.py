@@ -25,7 +25,7 @@ student's features towards the teacher's, and the last training ``loss_drd``.
 Usage::
 
     python benchmarks/distill_sweep.py --seeds 0 1 2 --out outputs/distill_sweep
-    python benchmarks/distill_sweep.py --teacher outputs/method_table/seed0/runs/float/model_final.pt ...
+    python benchmarks/distill_sweep.py --teacher outputs/method_table/seed0/runs/float ...
 """
 
 from __future__ import annotations
@@ -96,11 +96,13 @@ def _feature_gap(trainer: Trainer, teacher_path: str) -> dict:
     from qdetr.data import collate_detection
     from qdetr.distill import FrozenTeacher
     from qdetr.distill.fqm import match_teacher_queries, select_foreground_queries, stack_target_boxes
-    from qdetr.engine.model_files import build_model, load_state_dict_checked, read_state_dict
+    from qdetr.models import create_model
+    from qdetr.zoo import resolve_state_dict
+    from qdetr.zoo.run_files import load_state_dict_checked
 
     cfg = trainer.config
-    teacher = build_model(cfg.model.name, trainer.num_classes, cfg.model.overrides)
-    load_state_dict_checked(teacher, read_state_dict(teacher_path), source=teacher_path)
+    teacher = create_model(cfg.model.name, num_classes=trainer.num_classes, **cfg.model.overrides)
+    load_state_dict_checked(teacher, resolve_state_dict(teacher_path), source=teacher_path)
     teacher = FrozenTeacher(teacher)
     student = trainer.model.eval()
     dist, cos, norm_s, norm_t, pairs = 0.0, 0.0, 0.0, 0.0, 0
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--qat-epochs", type=int, default=DemoConfig().qat_epochs)
     parser.add_argument("--teacher", default=None,
-                        help="a float model_final.pt trained with the demo recipe, seed 0 (default: train one)")
+                        help="a float run folder (or model file) trained with the demo recipe, seed 0 (default: train one)")
     parser.add_argument("--processes", type=int, default=2, help="runs trained in parallel (1 thread each)")
     parser.add_argument("--out", default="outputs/distill_sweep")
     args = parser.parse_args(argv)

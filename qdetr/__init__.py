@@ -22,6 +22,13 @@ Examples:
 __version__ = "0.1.0"
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names below, for type checkers and the API reference; imported lazily at run time
+    from qdetr.distill import DistillationLoss
+    from qdetr.models import create_model, list_models, post_process_object_detection
+    from qdetr.quant import QuantConfig, calibrate, quant_summary, quantize_model
+    from qdetr.zoo import from_pretrained, list_pretrained, resolve_model, save_pretrained
 
 #: Where each top-level name lives. Imported on first use, so ``import qdetr.models`` (or
 #: ``qdetr.quant``) loads only that package and what it needs, never the zoo.

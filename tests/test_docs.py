@@ -44,6 +44,7 @@ REFERENCE_PAGES = {
     "reference/zoo.md": "qdetr.zoo",
     "reference/data.md": "qdetr.data",
     "reference/engine.md": "qdetr.engine",
+    "reference/ops.md": "qdetr.ops",
 }
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
