@@ -203,6 +203,8 @@ class ModelConfig:
             base = model_config(self.name)
         except (KeyError, ValueError) as err:
             raise ValueError(f"model.name: {err}") from err
+        if "num_classes" in self.overrides:
+            _fail("model.overrides.num_classes: set model.num_classes instead (null derives it from the data)")
         names = {f.name for f in dataclasses.fields(base)}
         unknown = sorted(set(self.overrides) - names)
         if unknown:

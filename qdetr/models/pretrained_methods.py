@@ -1,7 +1,11 @@
 """``save_pretrained`` / ``push_to_hub`` / ``predict`` methods for qdetr detectors.
 
-The implementations live in :mod:`qdetr.zoo` (which depends on the models); the methods
-import it lazily so that :mod:`qdetr.models` keeps no import-time dependency on the zoo.
+This mixin is the one way a model gets these methods: :class:`~qdetr.models.Detr` and
+:class:`~qdetr.models.SmcaDetr` derive from it, and :func:`qdetr.zoo.attach_pretrained_methods`
+gives any other detector a subclass with it. The implementations live in :mod:`qdetr.zoo`
+(which depends on the models); each method imports it when it is called, so importing
+:mod:`qdetr.models` never imports the zoo (``tests/test_structure.py`` checks ``sys.modules``).
+This file is the only place in :mod:`qdetr.models` that refers to the zoo.
 """
 
 from __future__ import annotations

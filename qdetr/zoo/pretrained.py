@@ -9,7 +9,9 @@ zoo name                         ``list_pretrained()``; release checkpoints are 
 (``qdetr_smca_r50.w4a4...``)     (verified, resumable, cached), loaded safely, converted and
                                  cached in the packed qdetr format, so later loads read only
                                  safetensors; Hub entries go through ``huggingface_hub``
-local directory                  a directory written by ``model.save_pretrained``
+local directory                  a directory written by ``model.save_pretrained``, or a
+                                 training run folder (its ``model/``, ``model_final.pt`` or
+                                 ``checkpoint.pt``; see :func:`qdetr.zoo.resolve_model`)
 local ``.pth`` file              a Q-DETR release checkpoint (``bits=`` or ``args.n_bit`` or
                                  a ``ckpt_<b>_bit`` file name gives the width); converted
                                  once and cached by file digest
