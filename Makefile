@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qdetr-installed
 OUT    ?= outputs/demo
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install clean check-floors
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 ## Benchmarks (print figures; see docs/performance.md).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fake_quant.py
+
+## Install the declared minimum versions in a scratch venv and run a smoke subset (not part of `test`).
+check-floors:
+	$(PYTHON) tools/check_floors.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
