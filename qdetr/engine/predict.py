@@ -17,14 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
 from qdetr.engine.prediction_outputs import prediction_output_paths
 from qdetr.image_io import read_rgb_image
-
 from qdetr.models.preprocessing import PreprocessingConfig
 
 __all__ = ["LoadedModel", "load_model_for_inference", "predict_images"]

@@ -42,7 +42,7 @@ from qdetr.zoo.download import download_url, gdrive_download_url, gdrive_view_ur
 from qdetr.zoo.hashing import sha256_file
 from qdetr.zoo.hub import CONFIG_NAME, WEIGHTS_NAME, load_from_hub, load_pretrained_dir
 from qdetr.zoo.hub import save_pretrained as _save_pretrained
-from qdetr.zoo.registry import PretrainedEntry, get_pretrained_entry, is_registered
+from qdetr.zoo.registry import PretrainedEntry
 from qdetr.zoo.release import load_release_checkpoint
 
 __all__ = ["from_pretrained", "attach_pretrained_methods", "converted_cache_dir"]
