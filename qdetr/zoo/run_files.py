@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qdetr.errors import CheckpointError
+from qdetr.zoo.size_limits import check_architecture_bounds, check_layer_indices
 
 __all__ = [
     "RUN_MODEL_DIR",
@@ -257,7 +258,7 @@ def load_legacy_model_file(path: str | os.PathLike, map_location: str | torch.de
         ...
         FileNotFoundError: model file not found: missing.pt
     """
-    from qdetr.models import create_model
+    from qdetr.models import create_model, model_config
 
     path = Path(path)
     if not path.is_file():
@@ -270,6 +271,14 @@ def load_legacy_model_file(path: str | os.PathLike, map_location: str | torch.de
         )
     if state.get("version", 1) != 1:
         raise CheckpointError(f"{path} is a model file of version {state.get('version')!r}; this qdetr reads version 1")
+    try:  # the registry entry's sizes, with the file's overrides: checked before anything is built
+        declared = model_config(state["model_name"]).to_dict()
+    except (KeyError, ValueError, TypeError):
+        declared = {}
+    declared.update({**dict(state.get("model_config") or {}), "num_classes": state.get("num_classes")})
+    check_architecture_bounds(declared, source=str(path), weights_bytes=path.stat().st_size)
+    if isinstance(state.get("model"), dict):
+        check_layer_indices(state["model"].keys(), source=str(path))
     model = create_model(state["model_name"], num_classes=int(state["num_classes"]), **dict(state["model_config"]))
     if state.get("quant") is not None:
         from qdetr.quant import QuantConfig, quantize_model
@@ -333,6 +342,8 @@ def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.
             f"{RUN_MODEL_DIR}/ or {LEGACY_MODEL_FILE} instead, or pass it as a float checkpoint "
             "(quant.float_checkpoint), which only needs the weights"
         )
+    check_architecture_bounds(spec.get("architecture") or {}, source=str(path), weights_bytes=path.stat().st_size)
+    check_layer_indices(state["model"].keys(), source=str(path))
     model = build_model_from_config(spec)
     load_state_dict_checked(model, state["model"], source=str(path))
     model.id2label = {int(k): str(v) for k, v in (spec.get("id2label") or {}).items()}

@@ -162,3 +162,20 @@ def test_bounds_do_not_refuse_real_layouts():
     for name in ("detr_r50", "smca_detr_r50", "qdetr_smca_r50"):
         check_architecture_bounds(model_config(name).to_dict(), source=name)
     check_layer_indices(_release_state().keys(), source="tiny release")
+
+
+def _crafted_training_checkpoint(workdir) -> None:
+    from qdetr.zoo.hub import model_config_dict
+
+    model = create_model("detr_tiny")
+    spec = model_config_dict(model)
+    spec["architecture"]["enc_layers"] = 300000
+    torch.save({"model": model.state_dict(), "model_spec": spec}, workdir / "checkpoint.pt")
+
+
+def test_crafted_training_checkpoint_is_refused_before_building(tmp_path):
+    from qdetr.zoo.run_files import load_training_checkpoint
+
+    check_case(Case("checkpoint.pt whose model_spec declares 300000 encoder layers",
+                    lambda d: load_training_checkpoint(d / "checkpoint.pt"), CheckpointError, "enc_layers = 300000",
+                    _crafted_training_checkpoint), tmp_path)
