@@ -32,6 +32,12 @@ class RunLog:
         [{'kind': 'train', 'step': 1, 'loss': 2.5}, {'kind': 'eval', 'epoch': 1, 'AP': None}]
         >>> RunLog(Path("unused") / "log.jsonl", enabled=False).read()
         []
+        >>> with tempfile.TemporaryDirectory() as tmp:   # a run killed mid-line, then resumed
+        ...     _ = (Path(tmp) / "log.jsonl").write_text('{"kind": "train", "step": 1}\\n{"kind": "tra')
+        ...     log = RunLog(Path(tmp) / "log.jsonl")
+        ...     log.write("event", event="resume")
+        ...     [record["kind"] for record in log.read()]
+        ['train', 'event']
     """
 
     def __init__(self, path: str | Path, enabled: bool = True) -> None:
@@ -49,14 +55,29 @@ class RunLog:
             if isinstance(value, float) and not math.isfinite(value):
                 value = None
             record[key] = value
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with self.path.open("ab") as handle:
+            # A killed run can leave a partial last line: start on a fresh line so records never merge.
+            if handle.tell() > 0 and not self._ends_with_newline():
+                handle.write(b"\n")
+            handle.write((json.dumps(record) + "\n").encode())
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as handle:
+            handle.seek(-1, 2)
+            return handle.read(1) == b"\n"
 
     def read(self) -> list[dict]:
-        """All records written so far."""
+        """All records written so far (a partial line left by a killed run is skipped)."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
 
 
 def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
