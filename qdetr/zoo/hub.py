@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from qdetr.atomic_write import atomic_path
@@ -294,7 +295,12 @@ def load_pretrained_dir(directory: str | os.PathLike, *, device: str | torch.dev
     check_architecture_bounds(config["architecture"], source=str(directory / CONFIG_NAME),
                               weights_bytes=weights.stat().st_size)
     model = build_model_from_config(config)
-    load_packed_state(model, weights)
+    try:
+        load_packed_state(model, weights)
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{weights} is truncated or damaged ({err}); delete {directory} and save or download the model again"
+        ) from None
     bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:

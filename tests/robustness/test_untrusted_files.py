@@ -179,3 +179,14 @@ def test_crafted_training_checkpoint_is_refused_before_building(tmp_path):
     check_case(Case("checkpoint.pt whose model_spec declares 300000 encoder layers",
                     lambda d: load_training_checkpoint(d / "checkpoint.pt"), CheckpointError, "enc_layers = 300000",
                     _crafted_training_checkpoint), tmp_path)
+
+
+def _cut_weights(workdir) -> None:
+    _saved_tiny(workdir)
+    weights = workdir / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+
+
+def test_truncated_safetensors_is_a_checkpoint_error(tmp_path):
+    check_case(Case("model.safetensors cut short", lambda d: load_pretrained_dir(d / "model"), CheckpointError,
+                    "truncated or damaged", _cut_weights), tmp_path)
