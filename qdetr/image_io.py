@@ -98,7 +98,7 @@ def to_rgb(image, *, name: str = "the image"):
         else:  # mode I holding 8-bit values
             scale = 1.0
         grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return Image.fromarray(grey).convert("RGB")  # 2-D uint8 -> mode L
     if mode == "RGB":
         return image.copy()
     return image.convert("RGB")

@@ -31,8 +31,8 @@ def _predict_file(name: str):
     return lambda d: load_image(d / name)
 
 
-def _save_array(name: str, array: np.ndarray, mode: str | None = None):
-    return lambda d: Image.fromarray(array, mode=mode).save(d / name)
+def _save_array(name: str, array: np.ndarray):
+    return lambda d: Image.fromarray(array).save(d / name)  # the mode follows the dtype (float32 -> F)
 
 
 IMAGE_CASES = [
@@ -50,7 +50,7 @@ IMAGE_CASES = [
          lambda d: (_save_array("whole.png", np.zeros((32, 32, 3), np.uint8))(d),
                     (d / "cut.png").write_bytes((d / "whole.png").read_bytes()[:60]))),
     Case("float TIFF with values up to 1000", _predict_file("f.tiff"), InputImageError, "expected [0, 1] or [0, 255]",
-         _save_array("f.tiff", np.full((8, 8), 1000.0, np.float32), "F")),
+         _save_array("f.tiff", np.full((8, 8), 1000.0, np.float32))),
     Case("1 x 300 PNG", _predict_file("line.png"), InputImageError, "aspect ratio",
          _save_array("line.png", np.zeros((1, 300, 3), np.uint8))),
 ]
