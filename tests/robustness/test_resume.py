@@ -74,3 +74,26 @@ def test_longer_run_resumes_and_logs_the_change(stopped_run):
     events = [json.loads(line) for line in (run_root / "run" / "log.jsonl").read_text().splitlines()]
     resume = [r for r in events if r.get("event") == "resume"][-1]
     assert resume["changed"]["max_steps"] == [2, 3]
+
+
+def test_annotation_file_changed_under_the_same_path_is_refused(tmp_path):
+    """Same config, different content: the recorded number of training images catches it."""
+    import json as _json
+
+    from qdetr.data import make_synthetic_coco
+
+    train = make_synthetic_coco(tmp_path / "train", num_images=4, image_size=64)
+    val = make_synthetic_coco(tmp_path / "val", num_images=2, image_size=64, seed=1)
+    coco = {"dataset": "coco", "train_images": str(tmp_path / "train" / "images"), "train_ann": str(train),
+            "val_images": str(tmp_path / "val" / "images"), "val_ann": str(val)}
+    Trainer(tiny_config(tmp_path / "run", tmp_path / "unused", epochs=2, max_steps=1, final_eval=False,
+                        data=coco)).fit()
+    data = _json.loads(train.read_text())
+    dropped = data["images"].pop()["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != dropped]
+    train.write_text(_json.dumps(data))
+    config_before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ResumeMismatchError, match="training images: 4 -> 3"):
+        Trainer(tiny_config(tmp_path / "run", tmp_path / "unused", epochs=2, max_steps=2, final_eval=False,
+                            data=coco)).fit()
+    assert (tmp_path / "run" / "config.json").read_text() == config_before
