@@ -23,8 +23,8 @@ Memory, per workload:
 
 * ``saved``: bytes of the distinct tensors autograd keeps for backward (activation memory,
   the part fake quantization can inflate), counted with saved-tensor hooks;
-* ``peak RSS``: the peak resident memory of a fresh process that builds the model and runs
-  two training steps (median of ``--rss-runs`` processes).
+* ``peak RSS``: the peak resident memory (``VmHWM``) of a fresh process that builds the model
+  and runs two training steps (median of ``--rss-runs`` processes).
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_fake_quant.py [--workload detr sgd2] [--pairs 9]
@@ -146,10 +146,12 @@ def peak_rss_child(variant: str, workload: str, size: int, threads: int) -> floa
         f"m = build({variant!r}, {workload!r}); opt = make_optimizer(m, {workload!r});"
         f"x = torch.randn(2, 3, {size}, {size});"
         "[(m(x).backward(), opt.step(), opt.zero_grad(set_to_none=True)) for _ in range(2)];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        # VmHWM belongs to this process image; ru_maxrss would also count the parent's RSS at fork.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')];"
+        "print(hwm[0].split()[1] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MiB (ru_maxrss is KiB on Linux)
+    return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MiB (both figures are KiB on Linux)
 
 
 def summarize(values: list[float]) -> dict:
