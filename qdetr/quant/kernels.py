@@ -4,8 +4,14 @@ The autograd functions of :mod:`qdetr.quant.primitives` call the four kernels be
 implementations exist:
 
 * ``"eager"`` (default): PyTorch operations, in place on freshly allocated buffers, so a
-  forward pass costs one allocation and a backward pass three. The operations and their
-  order match the closed form exactly.
+  forward pass costs one allocation. The operations and their order match the closed form
+  exactly. The straight-through masks are 0./1. tensors of the data's dtype, so every backward
+  pass is a vectorized multiply. On CPU the backward of a large tensor runs blockwise
+  (:data:`BLOCK_NUMEL` elements at a time) on per-thread scratch buffers that are reused
+  across calls, so its intermediates stay in cache and cost no fresh memory; with
+  ``grad_in_place=True`` (set by ``QuantConv2d`` / ``QuantLinear``, whose conv / linear
+  backward hands the quantizer a gradient nobody else holds) the input gradient is written
+  into that gradient's memory and the backward allocates nothing of the tensor's size.
 * ``"compiled"``: the same formulas compiled once per tensor rank with ``torch.compile``
   (dynamic shapes) into fused loops: one pass over memory in forward, two in backward.
   Forward outputs are bit-identical to ``"eager"``; step-size and zero-point gradients are
@@ -21,6 +27,7 @@ fuses them itself).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -383,7 +390,7 @@ def weight_backward(w, s, grad, qn: int, qp: int, *, grad_in_place: bool = False
         >>> grad_w.shape, grad_s.shape
         (torch.Size([4, 3]), torch.Size([4, 1]))
     """
-    blocked = lambda *args: _weight_backward_blocked(*args, grad_in_place)  # noqa: E731
+    blocked = functools.partial(_weight_backward_blocked, grad_in_place=grad_in_place)
     return _dispatch("weight_backward", _weight_backward_eager, [w, grad], [s], (qn, qp), blocked)
 
 
@@ -426,5 +433,5 @@ def act_backward(x, s, z, grad, qn: int, qp: int, *, grad_in_place: bool = False
         >>> gx.shape, gs.shape, gz.shape
         (torch.Size([2, 5, 3]), torch.Size([1, 1, 3]), torch.Size([1, 1, 3]))
     """
-    blocked = lambda *args: _act_backward_blocked(*args, grad_in_place)  # noqa: E731
+    blocked = functools.partial(_act_backward_blocked, grad_in_place=grad_in_place)
     return _dispatch("act_backward", _act_backward_eager, [x, grad], [s, z], (qn, qp), blocked)
