@@ -27,9 +27,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## Benchmarks (print figures; see docs/performance.md).
+## Benchmarks (print figures; see docs/performance.md): fake-quant step time and memory on
+## both workloads, then the distillation step, as medians and ranges of alternating pairs.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_fake_quant.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_fake_quant.py --pairs 9
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_distill.py --repeats 9
 
 ## Install the declared minimum versions in a scratch venv and run a smoke subset (not part of `test`).
 check-floors:

@@ -1,22 +1,24 @@
-"""Distillation overhead per training step, relative to plain quantization-aware training.
+"""Distillation overhead per training step, relative to the float student and to plain QAT.
 
-For each model it times, on one CPU thread, the median over ``--repeats`` interleaved steps of
+For each model it times, on one CPU thread (process CPU time), ``--repeats`` interleaved
+rounds (the order flipped every round) of
 
-* ``qat``:      student forward + detection loss + backward (plain QAT);
+* ``float``:    the float student's forward + detection loss + backward;
+* ``qat``:      the quantized student's forward + detection loss + backward (plain QAT);
 * ``+teacher``: the same + the frozen teacher's forward (one pass, no grad);
 * ``+distill``: the same + ``DistillationLoss`` (foreground selection, teacher matching and
   the DRD term, whose backward is part of the step's backward);
 
-and prints the ratios ``+distill / +teacher`` (the loss's own overhead; target <= 1.15) and
-``+distill / qat``, plus the ``DistillationLoss`` forward alone and its share of a step (the
-step ratios carry the machine's timing noise; the isolated loss time does not).
+and prints, as medians and ranges of per-round ratios, ``+distill / float`` (the full Q-DETR
+step against the float student step), ``qat / float`` and ``+distill / +teacher`` (the loss's
+own overhead), plus the ``DistillationLoss`` forward alone and its share of a step.
 
 Models: qdetr's DETR and SMCA-DETR with the paper-size transformer (d=256, 8 heads, 6+6
 layers, FFN 2048, 100 / 300 queries) on a test-sized ResNet backbone, the student quantized
 to 4 bits with distribution alignment on the cross-attention query; if ``qdetr.models`` is not
 importable, Hugging Face DETR with the same transformer sizes.
 
-Run (about a minute)::
+Run (a few minutes)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_distill.py
 """
@@ -57,6 +59,8 @@ def _qdetr_setup(name: str, bits: int):
         dim_feedforward=2048,
     )
     torch.manual_seed(0)
+    float_student = create_model(name, **sizes).train()
+    torch.manual_seed(0)
     student = create_model(name, **sizes)
     quantize_model(student, bits=bits)
     insert_distribution_alignment(student, where="cross")
@@ -64,12 +68,15 @@ def _qdetr_setup(name: str, bits: int):
     teacher = FrozenTeacher(create_model(name, **sizes))
     criterion = build_criterion(student.config)
 
-    def student_step(x, targets):
-        outputs = student(x)
-        losses = criterion(outputs, targets)
-        return outputs, criterion.total_loss(losses)
+    def step_of(model):
+        def run(x, targets):
+            outputs = model(x)
+            losses = criterion(outputs, targets)
+            return outputs, criterion.total_loss(losses)
 
-    return student, teacher, student_step, (lambda x: teacher(x))
+        return run
+
+    return student, teacher, step_of(student), (lambda x: teacher(x)), float_student, step_of(float_student)
 
 
 def _hf_setup(kind: str, bits: int):
@@ -97,17 +104,22 @@ def _hf_setup(kind: str, bits: int):
         print(f"hf {kind}: student stays in float ({type(err).__name__}: {str(err)[:80]}...)")
     torch.manual_seed(1)
     teacher = FrozenTeacher(cls(config))
+    torch.manual_seed(0)
+    float_student = cls(config).train()
 
-    def student_step(x, targets):
-        with capture_co_attention(student) as capture:
-            out = student(pixel_values=x, labels=targets)
-        return capture.outputs(out), out.loss
+    def step_of(model):
+        def run(x, targets):
+            with capture_co_attention(model) as capture:
+                out = model(pixel_values=x, labels=targets)
+            return capture.outputs(out), out.loss
 
-    return student, teacher, student_step, (lambda x: teacher(pixel_values=x))
+        return run
+
+    return student, teacher, step_of(student), (lambda x: teacher(pixel_values=x)), float_student, step_of(float_student)
 
 
-def bench(label: str, setup, args) -> None:
-    student, teacher, student_step, teacher_forward = setup
+def bench(label: str, setup, args) -> dict:
+    student, teacher, student_step, teacher_forward, float_student, float_step = setup
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     distill = DistillationLoss()
@@ -117,28 +129,29 @@ def bench(label: str, setup, args) -> None:
     targets = _targets(outputs["pred_boxes"], args.gt_per_image, g)
 
     def step(mode: str) -> float:
-        student.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        outputs, loss = student_step(x, targets)
-        if mode != "qat":
+        model = float_student if mode == "float" else student
+        model.zero_grad(set_to_none=True)
+        start = time.process_time()
+        outputs, loss = (float_step if mode == "float" else student_step)(x, targets)
+        if mode in ("teacher", "distill"):
             t_out = teacher_forward(x)
         if mode == "distill":
             loss = loss + distill(outputs, t_out, targets)["loss_drd"]
         loss.backward()
-        return time.perf_counter() - start
+        return time.process_time() - start
 
     def loss_only(outputs, t_out) -> float:
-        start = time.perf_counter()
+        start = time.process_time()
         distill(outputs, t_out, targets)
-        return time.perf_counter() - start
+        return time.process_time() - start
 
-    modes = ("qat", "teacher", "distill")
+    modes = ("float", "qat", "teacher", "distill")
     for _ in range(args.warmup):
         for mode in modes:
             step(mode)
     times = {mode: [] for mode in modes}
-    for _ in range(args.repeats):  # interleaved, so drift hits all modes alike
-        for mode in modes:
+    for i in range(args.repeats):  # interleaved (order flipped every round), so drift hits all modes alike
+        for mode in modes if i % 2 == 0 else modes[::-1]:
             times[mode].append(step(mode))
     with torch.no_grad():
         outputs, _ = student_step(x, targets)
@@ -146,19 +159,30 @@ def bench(label: str, setup, args) -> None:
         loss_times = [loss_only(outputs, t_out) for _ in range(args.repeats)]
         stats = distill(outputs, t_out, targets)
     med = {mode: statistics.median(v) for mode, v in times.items()}
+
+    def ratio(num: str, den: str) -> tuple[float, float, float]:
+        r = [a / b for a, b in zip(times[num], times[den])]
+        return statistics.median(r), min(r), max(r)
+
+    full, qat, own = ratio("distill", "float"), ratio("qat", "float"), ratio("distill", "teacher")
     loss_fwd = statistics.median(loss_times)
     num_queries = outputs["pred_boxes"].shape[1]
     print(
-        f"{label:<14} Q={num_queries:<4} qat {med['qat'] * 1e3:7.1f} ms | +teacher {med['teacher'] * 1e3:7.1f} ms | "
-        f"+distill {med['distill'] * 1e3:7.1f} ms | distill/teacher {med['distill'] / med['teacher']:.3f}x | "
-        f"distill/qat {med['distill'] / med['qat']:.3f}x | loss fwd {loss_fwd * 1e3:6.2f} ms "
-        f"= {loss_fwd / med['teacher'] * 100:.2f}% of a +teacher step ({int(stats['num_distilled'])} pairs)"
+        f"{label:<14} Q={num_queries:<4} float {med['float'] * 1e3:7.1f} ms | qat {med['qat'] * 1e3:7.1f} ms | "
+        f"+teacher {med['teacher'] * 1e3:7.1f} ms | +distill {med['distill'] * 1e3:7.1f} ms"
     )
+    print(
+        f"{'':<14} full Q-DETR step / float student step {full[0]:.3f}x (range {full[1]:.3f}-{full[2]:.3f}) | "
+        f"qat / float {qat[0]:.3f}x (range {qat[1]:.3f}-{qat[2]:.3f}) | distill / teacher {own[0]:.3f}x | "
+        f"loss fwd {loss_fwd * 1e3:6.2f} ms = {loss_fwd / med['teacher'] * 100:.2f}% of a +teacher step "
+        f"({int(stats['num_distilled'])} pairs)"
+    )
+    return {"label": label, "full_over_float": full, "qat_over_float": qat, "distill_over_teacher": own}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=192)

@@ -1,32 +1,40 @@
 """Training-step time and memory of a W4A4 (attention 8-bit) quantized DETR-sized model vs float.
 
-Workload: torchvision ResNet-50 trunk + 1x1 input projection + a 6+6-layer transformer
-(d=256, 8 heads, FFN 2048, 100 queries) on a batch of 2 RGB images, one CPU thread by
-default. Every figure is a median over repeats measured in this one run; ratios are
-quantized / float. Step times are the process's CPU time (``time.process_time``), which
-with one thread is the compute time of the step and does not count time the process
-spent waiting for a core on a shared machine; ``--wall`` reports wall-clock time instead.
+Two workloads, both a torchvision ResNet-50 trunk + 1x1 input projection + a transformer
+(d=256, 8 heads, FFN 2048, 100 queries) on a batch of 2 RGB images:
 
-Variants: the float model with PyTorch's fused ``nn.MultiheadAttention``; the same float
-model with qdetr's explicit attention (what the quantized model is built from); the W4A4
-(attention 8-bit, ``"paper"`` profile) model with eager fake-quant kernels (the library
-default) and with compiled kernels (``qdetr.quant.kernels.set_kernel_backend("compiled")``,
-the training engine's default).
+* ``detr``: 6+6 transformer layers, AdamW (DETR's shapes and optimizer);
+* ``sgd2``: 2+2 transformer layers, SGD with momentum (a larger convolution share and a
+  cheaper optimizer step, so a fixed fake-quant cost weighs more).
 
-Memory is reported two ways:
+The quantized model is what a library user gets by default: ``quantize_model(model, bits=4,
+profile="paper")`` followed by an ordinary training loop (forward, backward, optimizer step),
+with no backend selected. ``--compiled`` adds the opt-in compiled kernels
+(``qdetr.quant.kernels.set_kernel_backend("compiled")``) as a third variant.
+
+Timing: after two warm-up steps per model, the float and quantized steps alternate
+(``--pairs`` pairs, the order flipped every pair) and each pair gives one ratio
+quantized / float, so load on a shared machine hits both sides of a pair alike. The script
+prints the median ratio and its range over the pairs. Step times are the process's CPU time
+(``time.process_time``; one thread by default), which does not count time spent waiting for
+a core; ``--wall`` uses wall-clock time instead.
+
+Memory, per workload:
+
 * ``saved``: bytes of the distinct tensors autograd keeps for backward (activation memory,
   the part fake quantization can inflate), counted with saved-tensor hooks;
-* ``peak RSS``: the peak resident memory of a fresh process doing one training step.
+* ``peak RSS``: the peak resident memory (``VmHWM``) of a fresh process that builds the model
+  and runs two training steps (median of ``--rss-runs`` processes).
 
 Usage:
-    python benchmarks/bench_fake_quant.py [--size 256] [--repeats 5] [--threads 1]
+    OMP_NUM_THREADS=1 python benchmarks/bench_fake_quant.py [--workload detr sgd2] [--pairs 9]
+        [--size 256] [--threads 1] [--compiled] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,16 +48,21 @@ from qdetr.layers import MultiheadAttention
 from qdetr.quant import calibrate, quantize_model
 from qdetr.quant.kernels import set_kernel_backend
 
+WORKLOADS = {
+    "detr": {"layers": 6, "optimizer": "adamw"},
+    "sgd2": {"layers": 2, "optimizer": "sgd"},
+}
+
 
 class DetrLikeWorkload(nn.Module):
     """ResNet-50 + transformer with DETR's shapes; attention through qdetr's explicit path."""
 
-    def __init__(self, torch_attention: bool = False, num_queries: int = 100) -> None:
+    def __init__(self, layers: int = 6, torch_attention: bool = False, num_queries: int = 100) -> None:
         super().__init__()
         r = torchvision.models.resnet50()
         self.backbone = nn.Sequential(*list(r.children())[:-2])
         self.input_proj = nn.Conv2d(2048, 256, 1)
-        self.transformer = nn.Transformer(256, 8, 6, 6, 2048, dropout=0.1, batch_first=True)
+        self.transformer = nn.Transformer(256, 8, layers, layers, 2048, dropout=0.1, batch_first=True)
         if not torch_attention:
             for name, m in list(self.transformer.named_modules()):
                 for child_name, child in list(m.named_children()):
@@ -67,13 +80,20 @@ class DetrLikeWorkload(nn.Module):
         return self.class_embed(hs).sum() + self.bbox_embed(hs).sigmoid().sum()
 
 
-def build(variant: str) -> nn.Module:
+def build(variant: str, workload: str = "detr") -> nn.Module:
+    """``float_torch_mha``, ``float``, ``w4a4`` (library default) or ``w4a4_compiled``."""
     torch.manual_seed(0)
-    model = DetrLikeWorkload(torch_attention=(variant == "float_torch_mha"))
+    model = DetrLikeWorkload(WORKLOADS[workload]["layers"], torch_attention=(variant == "float_torch_mha"))
     if variant.startswith("w4a4"):
         set_kernel_backend("compiled" if variant == "w4a4_compiled" else "eager")
         quantize_model(model, bits=4, profile="paper")
     return model.train()
+
+
+def make_optimizer(model: nn.Module, workload: str) -> torch.optim.Optimizer:
+    if WORKLOADS[workload]["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+    return torch.optim.AdamW(model.parameters(), lr=1e-5)
 
 
 def saved_tensor_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -95,79 +115,124 @@ def saved_tensor_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def step_times(model: nn.Module, x: torch.Tensor, repeats: int, clock=time.process_time) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    times = []
-    for i in range(repeats + 1):
-        t0 = clock()
-        loss = model(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i > 0:  # first step warms up (and calibrates the quantized model)
-            times.append(clock() - t0)
-    return times
+class Trainer:
+    """One model, its optimizer and its input; ``step()`` returns the step's time."""
+
+    def __init__(self, variant: str, workload: str, x: torch.Tensor, clock) -> None:
+        self.variant, self.x, self.clock = variant, x, clock
+        self.model = build(variant, workload)
+        self.opt = make_optimizer(self.model, workload)
+        if variant.startswith("w4a4"):
+            calibrate(self.model, [x])
+        self.saved_mib = saved_tensor_bytes(self.model, x) / 2**20
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        set_kernel_backend("compiled" if self.variant == "w4a4_compiled" else "eager")
+        start = self.clock()
+        self.model(self.x).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        elapsed = self.clock() - start
+        self.times.append(elapsed)
+        return elapsed
 
 
-def peak_rss_child(variant: str, size: int, threads: int) -> float:
+def peak_rss_child(variant: str, workload: str, size: int, threads: int) -> float:
     code = (
         "import sys, resource, torch; sys.path.insert(0, 'benchmarks');"
         f"torch.set_num_threads({threads});"
-        "from bench_fake_quant import build;"
-        f"m = build({variant!r}); x = torch.randn(2, 3, {size}, {size});"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "m(x).backward(); m(x).backward();"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "from bench_fake_quant import build, make_optimizer;"
+        f"m = build({variant!r}, {workload!r}); opt = make_optimizer(m, {workload!r});"
+        f"x = torch.randn(2, 3, {size}, {size});"
+        "[(m(x).backward(), opt.step(), opt.zero_grad(set_to_none=True)) for _ in range(2)];"
+        # VmHWM belongs to this process image; ru_maxrss would also count the parent's RSS at fork.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')];"
+        "print(hwm[0].split()[1] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MiB (ru_maxrss is KiB on Linux)
+    return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MiB (both figures are KiB on Linux)
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_workload(workload: str, args) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, args.size, args.size)
+    clock = time.perf_counter if args.wall else time.process_time
+    variants = ["float", "w4a4"] + (["w4a4_compiled"] if args.compiled else [])
+    trainers = {v: Trainer(v, workload, x, clock) for v in variants}
+    for t in trainers.values():  # warm-up (compiles the kernels of the compiled variant)
+        for _ in range(2):
+            t.step()
+        t.times.clear()
+    ratios: dict[str, list[float]] = {v: [] for v in variants[1:]}
+    for i in range(args.pairs):
+        for v in variants[1:]:
+            order = ("float", v) if i % 2 == 0 else (v, "float")
+            times = {name: trainers[name].step() for name in order}
+            ratios[v].append(times[v] / times["float"])
+    result = {"workload": workload, "pairs": args.pairs, "variants": {}}
+    for v, t in trainers.items():
+        entry = {"step_s": statistics.median(t.times), "saved_mib": t.saved_mib}
+        if not args.no_rss:
+            rss = [peak_rss_child(v, workload, args.size, args.threads) for _ in range(args.rss_runs)]
+            entry["peak_rss_mib"] = statistics.median(rss)
+        if v != "float":
+            entry["time_ratio"] = summarize(ratios[v])
+            entry["saved_ratio"] = t.saved_mib / trainers["float"].saved_mib
+            if not args.no_rss:
+                entry["peak_rss_ratio"] = entry["peak_rss_mib"] / result["variants"]["float"]["peak_rss_mib"]
+        result["variants"][v] = entry
+    del trainers
+    return result
+
+
+def report(result: dict, args) -> None:
+    w = result["workload"]
+    spec = WORKLOADS[w]
+    print(
+        f"[{w}] ResNet-50 + {spec['layers']}+{spec['layers']} transformer d=256, {spec['optimizer']}, "
+        f"batch 2x3x{args.size}x{args.size}, {args.threads} thread(s), {result['pairs']} alternating pairs"
+    )
+    labels = {"float": "float (qdetr attention)", "w4a4": "W4A4 attn8, default", "w4a4_compiled": "W4A4 attn8, compiled"}
+    for v, e in result["variants"].items():
+        line = f"  {labels[v]:<26} step {e['step_s']:.3f} s  saved {e['saved_mib']:7.1f} MiB"
+        if "peak_rss_mib" in e:
+            line += f"  peak RSS {e['peak_rss_mib']:7.1f} MiB"
+        print(line)
+        if v != "float":
+            r = e["time_ratio"]
+            line = (
+                f"    step time ratio {r['median']:.3f}x (range {r['min']:.3f}-{r['max']:.3f})"
+                f"  saved-for-backward ratio {e['saved_ratio']:.3f}x"
+            )
+            if "peak_rss_ratio" in e:
+                line += f"  peak RSS ratio {e['peak_rss_ratio']:.3f}x"
+            print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=["detr", "sgd2"])
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--rss-runs", type=int, default=1, help="fresh processes per variant for peak RSS")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--compiled", action="store_true", help="also time the opt-in compiled kernels")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per workload")
     parser.add_argument("--wall", action="store_true", help="wall-clock step times instead of CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    x = torch.randn(2, 3, args.size, args.size)
-    results = {}
-    for variant in ("float_torch_mha", "float", "w4a4", "w4a4_compiled"):
-        model = build(variant)
-        if variant.startswith("w4a4"):
-            calibrate(model, [x])
-            model(x).backward()  # first training step also compiles the kernels (not timed)
-        saved = saved_tensor_bytes(model, x)
-        times = step_times(model, x, args.repeats, time.perf_counter if args.wall else time.process_time)
-        rss = peak_rss_child(variant, args.size, args.threads)
-        results[variant] = {"step_s": statistics.median(times), "saved_mib": saved / 2**20, "peak_rss_mib": rss}
-        del model
-    f, q, t, c = results["float"], results["w4a4"], results["float_torch_mha"], results["w4a4_compiled"]
-    summary = {
-        "workload": f"ResNet-50 + 6+6 transformer d=256, batch 2x3x{args.size}x{args.size}, {args.threads} thread(s)",
-        "repeats": args.repeats,
-        **{f"{k}_{m}": round(v, 4) for k, r in results.items() for m, v in r.items()},
-        "time_ratio": round(q["step_s"] / f["step_s"], 3),
-        "time_ratio_vs_torch_mha": round(q["step_s"] / t["step_s"], 3),
-        "time_ratio_compiled_kernels": round(c["step_s"] / f["step_s"], 3),
-        "peak_rss_ratio_compiled_kernels": round(c["peak_rss_mib"] / f["peak_rss_mib"], 3),
-        "saved_memory_ratio": round(q["saved_mib"] / f["saved_mib"], 3),
-        "peak_rss_ratio": round(q["peak_rss_mib"] / f["peak_rss_mib"], 3),
-    }
-    if args.json:
-        print(json.dumps(summary))
-        return
-    print(summary["workload"], f"median of {args.repeats} steps")
-    print(f"{'variant':<32}{'step (s)':>10}{'saved (MiB)':>14}{'peak RSS (MiB)':>16}")
-    for name, label in (("float_torch_mha", "float (nn.MultiheadAttention)"), ("float", "float (qdetr attention)"), ("w4a4", "W4A4 attn8, eager kernels"), ("w4a4_compiled", "W4A4 attn8, compiled kernels")):
-        r = results[name]
-        print(f"{label:<32}{r['step_s']:>10.3f}{r['saved_mib']:>14.1f}{r['peak_rss_mib']:>16.1f}")
-    print(f"step time ratio  W4A4 / float: {summary['time_ratio']:.3f}  (vs nn.MultiheadAttention float: {summary['time_ratio_vs_torch_mha']:.3f})")
-    print(f"step time ratio, compiled kernels: {summary['time_ratio_compiled_kernels']:.3f}")
-    print(f"saved-for-backward ratio     : {summary['saved_memory_ratio']:.3f}")
-    print(f"peak RSS ratio               : {summary['peak_rss_ratio']:.3f} (compiled kernels: {summary['peak_rss_ratio_compiled_kernels']:.3f})")
+    for workload in args.workload:
+        result = run_workload(workload, args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            report(result, args)
 
 
 if __name__ == "__main__":

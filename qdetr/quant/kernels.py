@@ -4,8 +4,14 @@ The autograd functions of :mod:`qdetr.quant.primitives` call the four kernels be
 implementations exist:
 
 * ``"eager"`` (default): PyTorch operations, in place on freshly allocated buffers, so a
-  forward pass costs one allocation and a backward pass three. The operations and their
-  order match the closed form exactly.
+  forward pass costs one allocation. The operations and their order match the closed form
+  exactly. The straight-through masks are 0./1. tensors of the data's dtype, so every backward
+  pass is a vectorized multiply. On CPU the backward of a large tensor runs blockwise
+  (:data:`BLOCK_NUMEL` elements at a time) on per-thread scratch buffers that are reused
+  across calls, so its intermediates stay in cache and cost no fresh memory; with
+  ``grad_in_place=True`` (set by ``QuantConv2d`` / ``QuantLinear``, whose conv / linear
+  backward hands the quantizer a gradient nobody else holds) the input gradient is written
+  into that gradient's memory and the backward allocates nothing of the tensor's size.
 * ``"compiled"``: the same formulas compiled once per tensor rank with ``torch.compile``
   (dynamic shapes) into fused loops: one pass over memory in forward, two in backward.
   Forward outputs are bit-identical to ``"eager"``; step-size and zero-point gradients are
@@ -21,7 +27,9 @@ fuses them itself).
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -73,12 +81,15 @@ def _weight_forward_eager(w, s, qn: int, qp: int):
 
 
 def _weight_backward_eager(w, s, grad, qn: int, qp: int):
+    # Three buffers of w's size (v, q and the returned grad_w); every pass is a vectorized
+    # arithmetic op (0/1 float masks instead of boolean masks, whose CPU kernels are slow).
     v = torch.div(w, s)
-    q = v.clamp(qn, qp)
-    outside = q != v
-    grad_w = grad.masked_fill(outside, 0.0)
-    # inside: round(v) - v; below: Qn; above: Qp  ->  round(clip(v)) - (v inside, 0 outside)
-    d_scale = q.round_().sub_(v.masked_fill_(outside, 0.0))
+    q = torch.clamp(v, qn, qp)
+    inside = v.eq_(q)  # 1. where w/s was not clipped, 0. where it was (or is NaN)
+    grad_w = torch.mul(grad, _as_dtype(inside, grad))
+    # inside: round(v) - v; below: Qn; above: Qp  ->  round(q) - q * inside (q is finite)
+    q_inside = inside.mul_(q)
+    d_scale = q.round_().sub_(q_inside)
     return grad_w, d_scale.mul_(grad).sum_to_size(s.shape)
 
 
@@ -88,18 +99,151 @@ def _act_forward_eager(x, s, z, qn: int, qp: int):
 
 
 def _act_backward_eager(x, s, z, grad, qn: int, qp: int):
+    # Three buffers of x's size (v, q and the returned grad_x), as in _weight_backward_eager.
     zr = torch.round(z)
     v = torch.div(x, s).add_(zr)
-    q = v.clamp(qn, qp)
-    outside = q != v
-    grad_x = grad.masked_fill(outside, 0.0)
-    # inside: round(x/s + z) - z - x/s = q - v; clipped: Qn - z or Qp - z, i.e.
-    # q - where(inside, v, z) computed in place as q - (((v - z) masked to 0 outside) + z).
-    d_scale = q.round_().sub_(v.sub_(zr).masked_fill_(outside, 0.0).add_(zr))
-    grad_s = d_scale.mul_(grad).sum_to_size(s.shape)
-    # inside: 0; clipped: -s  ->  -s * (sum(grad) - sum(grad inside)).
-    grad_z = (grad_x.sum_to_size(z.shape) - grad.sum_to_size(z.shape)) * s
+    q = torch.clamp(v, qn, qp)
+    inside = v.eq_(q)  # 1. where x/s + round(z) was not clipped, 0. where it was
+    grad_x = torch.mul(grad, _as_dtype(inside, grad))
+    # Per step: the sum of grad over clipped elements.
+    clipped_sum = grad.sum_to_size(z.shape) - grad_x.sum_to_size(z.shape)
+    # d(x̂)/ds: inside round(v) - v; clipped Qn - round(z) or Qp - round(z). The round(z) part is
+    # constant per step, so it leaves the elementwise pass:
+    # sum(grad * (round(q) - q * inside)) - round(z) * clipped_sum.
+    q_inside = inside.mul_(q)
+    d_scale = q.round_().sub_(q_inside)
+    grad_s = d_scale.mul_(grad).sum_to_size(s.shape) - zr * clipped_sum
+    # d(x̂)/dz: inside 0; clipped -s.
+    grad_z = -s * clipped_sum
     return grad_x, grad_s, grad_z
+
+
+def _as_dtype(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask (exact in every float dtype) in ``like``'s dtype, so products keep that dtype."""
+    return mask if mask.dtype == like.dtype else mask.to(like.dtype)
+
+
+# ------------------------------------------------------------------ blocked backward
+
+#: Elements per block of the blocked CPU backward kernels (see :func:`_blocked_layout`).
+BLOCK_NUMEL = 1 << 18
+
+_scratch_local = threading.local()
+
+
+def _scratch(dtype: torch.dtype) -> torch.Tensor:
+    """Three persistent (BLOCK_NUMEL,) CPU buffers of ``dtype`` for this thread.
+
+    Reusing them keeps the backward pass from touching fresh memory: a new buffer costs its
+    page faults and cache misses on every call, which on CPU outweighs the arithmetic.
+    """
+    cache = getattr(_scratch_local, "buffers", None)
+    if cache is None:
+        cache = _scratch_local.buffers = {}
+    buf = cache.get(dtype)
+    if buf is None or buf.shape[1] != BLOCK_NUMEL:
+        buf = cache[dtype] = torch.empty(3, BLOCK_NUMEL, dtype=dtype)
+    return buf
+
+
+def _blocks(shape3: tuple[int, int, int], block: int):
+    """Index pairs ``(big, small)`` that tile a (P, C, Q) tensor into contiguous blocks of
+    <= ``block`` elements; ``big`` indexes the (P, C, Q) tensors and ``small`` the (1, C, 1)
+    steps so that the two broadcast against each other."""
+    p_size, c_size, q_size = shape3
+    if c_size * q_size <= block:  # whole rows (n, C, Q)
+        rows = block // (c_size * q_size)
+        for p0 in range(0, p_size, rows):
+            yield (slice(p0, p0 + rows),), (slice(None),)
+    elif q_size <= block:  # channel ranges of one row (c, Q)
+        chans = block // q_size
+        for p in range(p_size):
+            for c0 in range(0, c_size, chans):
+                yield (p, slice(c0, c0 + chans)), (0, slice(c0, c0 + chans))
+    else:  # pieces of one channel (n,)
+        for p in range(p_size):
+            for c in range(c_size):
+                for q0 in range(0, q_size, block):
+                    yield (p, c, slice(q0, q0 + block)), (0, c)
+
+
+def _blocked_layout(big: list[torch.Tensor], small: list[torch.Tensor]):
+    """(P, C, Q) views of ``big`` and (1, C, 1) views of ``small`` for the blocked kernels, or
+    None where they do not apply: non-CPU or small tensors, non-contiguous or differently
+    shaped ones, steps of another rank or layout, torch.compile tracing, autograd recording."""
+    ref = big[0]
+    if ref.device.type != "cpu" or ref.numel() <= BLOCK_NUMEL or torch.compiler.is_compiling():
+        return None
+    if any(t.shape != ref.shape or not t.is_contiguous() for t in big):
+        return None
+    if any(t.dim() != ref.dim() or t.shape != small[0].shape for t in small):
+        return None
+    if torch.is_grad_enabled():
+        return None
+    axis = _channel_axis(small[0])
+    if axis is None and small[0].numel() != 1:
+        return None
+    return [_as_3d(t, axis, ref.dim()) for t in big], [t.reshape(1, -1, 1) for t in small]
+
+
+def _partial_sum(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``t.sum_to_size(shape)`` accumulated in ``dtype``."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1]
+    return t.sum(dims, keepdim=True, dtype=dtype).view(shape) if dims else t.to(dtype)
+
+
+def _block_buffers(scratch: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    n = like.numel()
+    return [scratch[i, :n].view(like.shape) for i in range(3)]
+
+
+def _weight_backward_blocked(w, s, grad, qn: int, qp: int, grad_in_place: bool):
+    layout = _blocked_layout([w, grad], [s])
+    dtype = torch.result_type(w, s)
+    if layout is None or grad.dtype != dtype:
+        return None
+    (w3, g3), (s3,) = layout
+    scratch = _scratch(dtype)
+    grad_w = grad if grad_in_place else torch.empty_like(grad)
+    gw3 = grad_w.view(w3.shape)
+    acc = torch.zeros(s3.shape, dtype=torch.promote_types(dtype, torch.float32))
+    for big, small in _blocks(tuple(w3.shape), BLOCK_NUMEL):
+        wb, gb, sb = w3[big], g3[big], s3[small]
+        v, q, q_inside = _block_buffers(scratch, wb)
+        torch.clamp(torch.div(wb, sb, out=v), qn, qp, out=q)
+        inside = v.eq_(q)
+        torch.mul(q, inside, out=q_inside)
+        acc[small] += _partial_sum(q.round_().sub_(q_inside).mul_(gb), sb.shape, acc.dtype)
+        torch.mul(gb, inside, out=gw3[big])
+    return grad_w, acc.to(dtype).view(s.shape)
+
+
+def _act_backward_blocked(x, s, z, grad, qn: int, qp: int, grad_in_place: bool):
+    layout = _blocked_layout([x, grad], [s, z])
+    dtype = torch.result_type(x, s)
+    if layout is None or grad.dtype != dtype:
+        return None
+    (x3, g3), (s3, z3) = layout
+    zr3 = torch.round(z3)
+    scratch = _scratch(dtype)
+    grad_x = grad if grad_in_place else torch.empty_like(grad)
+    gx3 = grad_x.view(x3.shape)
+    acc_dtype = torch.promote_types(dtype, torch.float32)
+    acc_d, acc_clipped = torch.zeros(s3.shape, dtype=acc_dtype), torch.zeros(s3.shape, dtype=acc_dtype)
+    for big, small in _blocks(tuple(x3.shape), BLOCK_NUMEL):
+        xb, gb, sb, zb = x3[big], g3[big], s3[small], zr3[small]
+        v, q, q_inside = _block_buffers(scratch, xb)
+        torch.clamp(torch.div(xb, sb, out=v).add_(zb), qn, qp, out=q)
+        inside = v.eq_(q)
+        torch.mul(q, inside, out=q_inside)
+        acc_clipped[small] += _partial_sum(gb, sb.shape, acc_dtype)
+        acc_d[small] += _partial_sum(q.round_().sub_(q_inside).mul_(gb), sb.shape, acc_dtype)
+        acc_clipped[small] -= _partial_sum(torch.mul(gb, inside, out=gx3[big]), sb.shape, acc_dtype)
+    clipped_sum = acc_clipped.to(dtype)
+    grad_s = acc_d.to(dtype) - zr3 * clipped_sum
+    grad_z = -s3 * clipped_sum
+    return grad_x, grad_s.view(s.shape), grad_z.view(z.shape)
 
 
 # -------------------------------------------------------------------------- compiled
@@ -186,7 +330,7 @@ def _compiled_call(name: str, big: list[torch.Tensor], small: list[torch.Tensor]
     return tuple(restored) if isinstance(out, tuple) else restored[0]
 
 
-def _dispatch(name: str, eager, big: list[torch.Tensor], small: list[torch.Tensor], ints: tuple):
+def _dispatch(name: str, eager, big: list[torch.Tensor], small: list[torch.Tensor], ints: tuple, blocked=None):
     if _state["backend"] == "compiled" and not torch.compiler.is_compiling():
         try:
             out = _compiled_call(name, big, small, ints)
@@ -201,6 +345,10 @@ def _dispatch(name: str, eager, big: list[torch.Tensor], small: list[torch.Tenso
             )
             _state["backend"] = "eager"
     args = big[:1] + small + big[1:]
+    if blocked is not None:
+        out = blocked(*args, *ints)
+        if out is not None:
+            return out
     return eager(*args, *ints)
 
 
@@ -222,7 +370,7 @@ def weight_forward(w, s, qn: int, qp: int):
     return _dispatch("weight_forward", _weight_forward_eager, [w], [s], (qn, qp))
 
 
-def weight_backward(w, s, grad, qn: int, qp: int):
+def weight_backward(w, s, grad, qn: int, qp: int, *, grad_in_place: bool = False):
     """``(grad_w, grad_s)`` before the LSQ gradient scale (method.md section 2).
 
     Args:
@@ -230,6 +378,8 @@ def weight_backward(w, s, grad, qn: int, qp: int):
         s: positive steps broadcastable to ``w``.
         grad: gradient of the output, shaped like ``w``.
         qn, qp: integer range.
+        grad_in_place: the caller owns ``grad`` and allows ``grad_w`` to be written into it
+            (the eager CPU kernels then allocate nothing of ``w``'s size).
 
     Returns:
         ``grad_w`` shaped like ``w`` (zero where clipped) and ``grad_s`` shaped like ``s``.
@@ -240,7 +390,8 @@ def weight_backward(w, s, grad, qn: int, qp: int):
         >>> grad_w.shape, grad_s.shape
         (torch.Size([4, 3]), torch.Size([4, 1]))
     """
-    return _dispatch("weight_backward", _weight_backward_eager, [w, grad], [s], (qn, qp))
+    blocked = functools.partial(_weight_backward_blocked, grad_in_place=grad_in_place)
+    return _dispatch("weight_backward", _weight_backward_eager, [w, grad], [s], (qn, qp), blocked)
 
 
 def act_forward(x, s, z, qn: int, qp: int):
@@ -262,7 +413,7 @@ def act_forward(x, s, z, qn: int, qp: int):
     return _dispatch("act_forward", _act_forward_eager, [x], [s, z], (qn, qp))
 
 
-def act_backward(x, s, z, grad, qn: int, qp: int):
+def act_backward(x, s, z, grad, qn: int, qp: int, *, grad_in_place: bool = False):
     """``(grad_x, grad_s, grad_z)`` before the LSQ gradient scale (method.md section 3.2).
 
     Args:
@@ -271,6 +422,7 @@ def act_backward(x, s, z, grad, qn: int, qp: int):
         z: zero points shaped like ``s``.
         grad: gradient of the output, shaped like ``x``.
         qn, qp: integer range.
+        grad_in_place: the caller owns ``grad`` and allows ``grad_x`` to be written into it.
 
     Returns:
         ``grad_x`` shaped like ``x`` (zero where clipped), ``grad_s`` and ``grad_z`` shaped like ``s``.
@@ -281,4 +433,5 @@ def act_backward(x, s, z, grad, qn: int, qp: int):
         >>> gx.shape, gs.shape, gz.shape
         (torch.Size([2, 5, 3]), torch.Size([1, 1, 3]), torch.Size([1, 1, 3]))
     """
-    return _dispatch("act_backward", _act_backward_eager, [x, grad], [s, z], (qn, qp))
+    blocked = functools.partial(_act_backward_blocked, grad_in_place=grad_in_place)
+    return _dispatch("act_backward", _act_backward_eager, [x, grad], [s, z], (qn, qp), blocked)

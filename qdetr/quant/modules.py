@@ -49,6 +49,13 @@ def _attach_quantizers(module: nn.Module, spec: LayerQuantSpec, out_channels: in
     module.to(device=module.weight.device)
 
 
+def _operand_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a forward pass multiplies with: ŵ, whose gradient the quantizer may reuse."""
+    if module.weight_quantizer is None:
+        return module.weight
+    return module.weight_quantizer(module.weight, grad_in_place=True)
+
+
 def _describe(module: nn.Module) -> str:
     w = module.weight_quantizer.bits if module.weight_quantizer is not None else "fp"
     a = module.input_quantizer.bits if module.input_quantizer is not None else "fp"
@@ -108,11 +115,13 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) with quantized input and weight."""
+        # x̂ and ŵ feed only F.linear, whose backward gives them fresh gradients: the
+        # quantizers may overwrite those in place (grad_in_place) instead of allocating.
         if self.input_quantizer is None:
-            return F.linear(x, self.quantized_weight(), self.bias)
-        x_hat = self.input_quantizer(x)
+            return F.linear(x, _operand_weight(self), self.bias)
+        x_hat = self.input_quantizer(x, grad_in_place=True)
         with recompute_saved({x_hat: lambda: self.input_quantizer.recompute(x)}):
-            return F.linear(x_hat, self.quantized_weight(), self.bias)
+            return F.linear(x_hat, _operand_weight(self), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self)}"
@@ -174,10 +183,10 @@ class QuantConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with quantized input and weight."""
         if self.input_quantizer is None:
-            return self._conv_forward(x, self.quantized_weight(), self.bias)
-        x_hat = self.input_quantizer(x)
+            return self._conv_forward(x, _operand_weight(self), self.bias)
+        x_hat = self.input_quantizer(x, grad_in_place=True)  # see QuantLinear.forward
         with recompute_saved({x_hat: lambda: self.input_quantizer.recompute(x)}):
-            return self._conv_forward(x_hat, self.quantized_weight(), self.bias)
+            return self._conv_forward(x_hat, _operand_weight(self), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self)}"

@@ -69,16 +69,17 @@ class _FakeQuantWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, scale, qn: int, qp: int, g: float):
+    def forward(ctx, weight, scale, qn: int, qp: int, g: float, grad_in_place: bool):
         ctx.save_for_backward(weight, scale)
-        ctx.qn, ctx.qp, ctx.g = qn, qp, g
+        ctx.qn, ctx.qp, ctx.g, ctx.grad_in_place = qn, qp, g, grad_in_place
         return kernels.weight_forward(weight, scale, qn, qp)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scale = ctx.saved_tensors
-        grad_w, grad_s = kernels.weight_backward(weight, scale, grad_out, ctx.qn, ctx.qp)
-        return grad_w, grad_s * ctx.g, None, None, None
+        in_place = ctx.grad_in_place and not torch.is_grad_enabled()  # never under create_graph
+        grad_w, grad_s = kernels.weight_backward(weight, scale, grad_out, ctx.qn, ctx.qp, grad_in_place=in_place)
+        return grad_w, grad_s * ctx.g, None, None, None, None
 
 
 class _FakeQuantActivation(torch.autograd.Function):
@@ -88,19 +89,24 @@ class _FakeQuantActivation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qn: int, qp: int, g: float):
+    def forward(ctx, x, scale, zero_point, qn: int, qp: int, g: float, grad_in_place: bool):
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.qn, ctx.qp, ctx.g = qn, qp, g
+        ctx.qn, ctx.qp, ctx.g, ctx.grad_in_place = qn, qp, g, grad_in_place
         return kernels.act_forward(x, scale, zero_point, qn, qp)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, scale, zero_point = ctx.saved_tensors
-        grad_x, grad_s, grad_z = kernels.act_backward(x, scale, zero_point, grad_out, ctx.qn, ctx.qp)
-        return grad_x, grad_s * ctx.g, grad_z * ctx.g, None, None, None
+        in_place = ctx.grad_in_place and not torch.is_grad_enabled()  # never under create_graph
+        grad_x, grad_s, grad_z = kernels.act_backward(
+            x, scale, zero_point, grad_out, ctx.qn, ctx.qp, grad_in_place=in_place
+        )
+        return grad_x, grad_s * ctx.g, grad_z * ctx.g, None, None, None, None
 
 
-def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
+def fake_quant_weight(
+    weight: torch.Tensor, scale: torch.Tensor, qn: int, qp: int, g: float, *, grad_in_place: bool = False
+) -> torch.Tensor:
     """LSQ weight fake quantization.
 
     Args:
@@ -108,6 +114,9 @@ def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, qn: int, qp: in
         scale: step sizes broadcastable to ``weight``, e.g. (C_out, 1, 1, 1); must be > 0.
         qn, qp: integer range.
         g: gradient scale applied to the step's gradient.
+        grad_in_place: the result feeds only operations whose backward hands it a gradient
+            nobody else holds (the weight of a conv or linear), so the backward may write the
+            weight's gradient into that tensor instead of allocating one.
 
     Returns:
         Tensor like ``weight`` holding ``s * W_int``.
@@ -120,11 +129,18 @@ def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, qn: int, qp: in
         >>> w_hat.shape, w.grad.shape, s.grad.shape
         (torch.Size([8, 4]), torch.Size([8, 4]), torch.Size([8, 1]))
     """
-    return _FakeQuantWeight.apply(weight, scale, qn, qp, g)
+    return _FakeQuantWeight.apply(weight, scale, qn, qp, g, grad_in_place)
 
 
 def fake_quant_activation(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qn: int, qp: int, g: float
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qn: int,
+    qp: int,
+    g: float,
+    *,
+    grad_in_place: bool = False,
 ) -> torch.Tensor:
     """LSQ+ activation fake quantization with a learned integer zero point.
 
@@ -134,6 +150,7 @@ def fake_quant_activation(
         zero_point: float zero points broadcastable to ``x``, used as ``round(z)``.
         qn, qp: integer range.
         g: gradient scale applied to the step and zero-point gradients.
+        grad_in_place: as in :func:`fake_quant_weight` (the result is only a conv or linear input).
 
     Returns:
         Tensor like ``x`` holding ``(q - round(z)) * s``.
@@ -145,7 +162,7 @@ def fake_quant_activation(
         >>> x_hat.shape, bool((x_hat / 0.2).round().abs().max() <= 8)
         (torch.Size([2, 10, 8]), True)
     """
-    return _FakeQuantActivation.apply(x, scale, zero_point, qn, qp, g)
+    return _FakeQuantActivation.apply(x, scale, zero_point, qn, qp, g, grad_in_place)
 
 
 def quantize_weight_codes(weight: torch.Tensor, scale: torch.Tensor, qn: int, qp: int) -> torch.Tensor:

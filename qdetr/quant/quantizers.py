@@ -70,6 +70,12 @@ def _per_channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+def _keeps_dtype(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether fake-quantizing ``x`` with ``scale`` keeps ``x``'s dtype (then no cast sits between
+    the quantizer and its consumer, and the consumer's gradient reaches the quantizer as is)."""
+    return torch.promote_types(x.dtype, scale.dtype) == x.dtype
+
+
 class _QuantizerBase(nn.Module):
     """Common state: bits, axis, ``initialized`` buffer with a Python mirror, ``enabled`` flag."""
 
@@ -195,11 +201,13 @@ class LSQWeightQuantizer(_QuantizerBase):
             numel = numel // self.num_channels
         return grad_scale_factor(numel, self.qmax)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, weight: torch.Tensor, *, grad_in_place: bool = False) -> torch.Tensor:
         """Fake-quantize ``weight``; identity when ``enabled`` is False.
 
         Args:
             weight: (C_out, ...); an uncalibrated quantizer initialises its steps from it.
+            grad_in_place: the result is only the weight of a conv / linear call, so its
+                gradient may be reused in backward (see :func:`qdetr.quant.primitives.fake_quant_weight`).
 
         Returns:
             Tensor of the same shape and dtype, ``s * W_int``.
@@ -208,7 +216,14 @@ class LSQWeightQuantizer(_QuantizerBase):
             return weight
         if not self._is_initialized:
             self.initialize_from(weight)
-        out = fake_quant_weight(weight, self._scale_view(weight), self.qmin, self.qmax, self.grad_scale(weight))
+        out = fake_quant_weight(
+            weight,
+            self._scale_view(weight),
+            self.qmin,
+            self.qmax,
+            self.grad_scale(weight),
+            grad_in_place=grad_in_place and _keeps_dtype(weight, self.scale),
+        )
         return out.to(weight.dtype)
 
     @torch.no_grad()
@@ -354,11 +369,13 @@ class LSQActQuantizer(_QuantizerBase):
         self.zero_point.copy_(zero.to(self.zero_point))
         self._mark_initialized()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, grad_in_place: bool = False) -> torch.Tensor:
         """Fake-quantize ``x``; identity when ``enabled`` is False.
 
         Args:
             x: any shape with ``num_channels`` entries on ``axis``.
+            grad_in_place: the result is only the input of a conv / linear call, so its
+                gradient may be reused in backward (see :func:`qdetr.quant.primitives.fake_quant_activation`).
 
         Returns:
             Tensor of the same shape and dtype.
@@ -376,14 +393,14 @@ class LSQActQuantizer(_QuantizerBase):
                 "activation quantizer was never calibrated; run qdetr.quant.calibrate(model, batches) "
                 "or a training step first, or load quantized weights"
             )
-        return self._fake_quant(x)
+        return self._fake_quant(x, grad_in_place)
 
     def recompute(self, x: torch.Tensor) -> torch.Tensor:
         """The forward result for ``x`` without autograd (recomputes outputs dropped from the saved set)."""
         with torch.no_grad():
             return self._fake_quant(x) if self.enabled else x
 
-    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def _fake_quant(self, x: torch.Tensor, grad_in_place: bool = False) -> torch.Tensor:
         axis = self._axis_for(x.dim())
         shape = _broadcast_shape(x.dim(), axis, self.per_channel)
         qn, qp = self.qrange
@@ -394,5 +411,6 @@ class LSQActQuantizer(_QuantizerBase):
             qn,
             qp,
             self.grad_scale(x),
+            grad_in_place=grad_in_place and _keeps_dtype(x, self.scale),
         )
         return out.to(x.dtype)

@@ -225,3 +225,141 @@ def test_compiled_kernels_match_eager():
         torch.testing.assert_close(e[i], c[i], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="kernel backend"):
         kernels.set_kernel_backend("cuda")
+
+
+# ----------------------------------------------------------------------------------------
+# The default (eager) kernels against the reference closed forms, on every code path:
+# whole-tensor kernels for small tensors and blocked CPU kernels (three tilings) for large
+# ones, per-channel steps on axis 0 / 1 / -1 and per-tensor steps, gradients written in
+# place or into a new tensor.
+
+_LAYOUTS = {
+    "conv_input_per_channel": ((3, 6, 7, 9), (1, 6, 1, 1)),  # (B, C, H, W), axis 1
+    "linear_input_per_channel": ((4, 10, 12), (1, 1, 12)),  # (B, L, C), axis -1
+    "weight_per_channel": ((10, 4, 3, 3), (10, 1, 1, 1)),  # (C_out, C_in, k, k), axis 0
+    "per_tensor": ((3, 6, 7, 9), (1, 1, 1, 1)),  # the "deploy" profile's activations
+}
+
+
+def _reference_activation(x, s, z, qn, qp, g, upstream):
+    """Out-of-place closed form with autograd-free gradients (method.md section 3.2)."""
+    from qdetr.quant import kernels
+
+    out = kernels._act_forward_pure(x, s, z, qn, qp)
+    grad_x, grad_s, grad_z = kernels._act_backward_pure(x, s, z, upstream, qn, qp)
+    return out, grad_x, grad_s * g, grad_z * g
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("block", [40, 1 << 18])  # 40: every blocked tiling; 1 << 18: whole-tensor kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_default_kernels_match_reference(layout, block, dtype, monkeypatch):
+    from qdetr.quant import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_NUMEL", block)
+    x_shape, s_shape = _LAYOUTS[layout]
+    torch.manual_seed(11)
+    x = (torch.randn(x_shape, dtype=dtype) * 3).requires_grad_(True)
+    s = (torch.rand(s_shape, dtype=dtype) * 0.4 + 0.2).requires_grad_(True)
+    z = (torch.randn(s_shape, dtype=dtype) * 2).requires_grad_(True)
+    upstream = torch.randn(x_shape, dtype=dtype)
+    qn, qp = integer_range(3, True)
+    g = 0.3
+    for grad_in_place in (False, True):
+        out = fake_quant_activation(x, s, z, qn, qp, g, grad_in_place=grad_in_place)
+        out.backward(upstream.clone())
+        ref = _reference_activation(x.detach(), s.detach(), z.detach(), qn, qp, g, upstream)
+        assert torch.equal(out.detach(), ref[0])  # forward: bit-identical
+        assert torch.equal(x.grad, ref[1])  # input gradient: the same 0/1 mask
+        tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+        torch.testing.assert_close(s.grad, ref[2], **tol)  # step sums: equal up to summation order
+        torch.testing.assert_close(z.grad, ref[3], **tol)
+        x.grad = s.grad = z.grad = None
+
+    w = torch.randn(x_shape, dtype=dtype).requires_grad_(True)
+    sw = (torch.rand(s_shape, dtype=dtype) * 0.3 + 0.05).requires_grad_(True)
+    for grad_in_place in (False, True):
+        out = fake_quant_weight(w, sw, -2, 1, g, grad_in_place=grad_in_place)
+        out.backward(upstream.clone())
+        grad_w, grad_s = kernels._weight_backward_pure(w.detach(), sw.detach(), upstream, -2, 1)
+        assert torch.equal(out.detach(), kernels._weight_forward_pure(w.detach(), sw.detach(), -2, 1))
+        assert torch.equal(w.grad, grad_w)
+        torch.testing.assert_close(sw.grad, grad_s * g, **tol)
+        w.grad = sw.grad = None
+
+
+def test_blocked_backward_writes_into_an_owned_gradient(monkeypatch):
+    """With grad_in_place the large-tensor CPU backward reuses the incoming gradient's memory."""
+    from qdetr.quant import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_NUMEL", 64)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float32)
+    s, z = torch.full((1, 4, 1, 1), 0.3), torch.zeros(1, 4, 1, 1)
+    grad = torch.randn_like(x)
+    expected = kernels.act_backward(x, s.float(), z.float(), grad, -8, 7)
+    with torch.no_grad():
+        owned = grad.clone()
+        got = kernels.act_backward(x, s.float(), z.float(), owned, -8, 7, grad_in_place=True)
+    assert got[0].data_ptr() == owned.data_ptr()
+    assert expected[0].data_ptr() != grad.data_ptr()
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_quantized_layers_match_unfused_reference(granularity, monkeypatch):
+    """QuantConv2d / QuantLinear (whose quantizers reuse gradients in place) give the same
+    outputs and gradients as quantizer + float op composed by hand."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from qdetr.quant import kernels
+    from qdetr.quant.config import LayerQuantSpec
+    from qdetr.quant.modules import QuantConv2d, QuantLinear
+
+    monkeypatch.setattr(kernels, "BLOCK_NUMEL", 50)
+    torch.manual_seed(12)
+    act = QuantizerConfig(granularity=granularity)
+    spec = LayerQuantSpec(weight_bits=4, input_bits=4, input_signed=True, activation=act)
+    for layer, x in (
+        (QuantConv2d.from_float(nn.Conv2d(4, 6, 3, padding=1), spec), torch.randn(2, 4, 9, 9)),
+        (QuantLinear.from_float(nn.Linear(12, 7), spec), torch.randn(3, 5, 12)),
+    ):
+        layer.train()
+        layer(x)  # calibrates
+        x1 = x.clone().requires_grad_(True)
+        y = layer(x1)
+        up = torch.randn_like(y)
+        y.backward(up)
+        got = [x1.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        x2 = x.clone().requires_grad_(True)
+        x_hat = layer.input_quantizer(x2)
+        w_hat = layer.weight_quantizer(layer.weight)
+        if isinstance(layer, QuantConv2d):
+            y2 = F.conv2d(x_hat, w_hat, layer.bias, padding=1)
+        else:
+            y2 = F.linear(x_hat, w_hat, layer.bias)
+        y2.backward(up)
+        expected = [x2.grad] + [p.grad.clone() for p in layer.parameters()]
+        assert torch.equal(y, y2)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        layer.zero_grad()
+
+
+def test_double_backward_does_not_write_gradients_in_place():
+    """Under create_graph the incoming gradient may be needed again: no in-place reuse."""
+    from torch import nn
+
+    from qdetr.quant.config import LayerQuantSpec
+    from qdetr.quant.modules import QuantLinear
+
+    torch.manual_seed(13)
+    layer = QuantLinear.from_float(nn.Linear(6, 4), LayerQuantSpec(weight_bits=4, input_bits=4, input_signed=True))
+    layer.train()
+    x = torch.randn(3, 6, requires_grad=True)
+    layer(x)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    (gx_plain,) = torch.autograd.grad(layer(x).square().sum(), x)
+    assert torch.equal(gx.detach(), gx_plain)
