@@ -221,7 +221,7 @@ def _config(name: str):
             num_hidden_layers=2,
             num_attention_heads=2,
             window_block_indices=[0],
-            out_indices=[1],
+            out_indices=[2],
             num_windows=4,
             image_size=_IMAGE,
             patch_size=8,
