@@ -8,10 +8,24 @@ and re-scaled by a learnable affine shared by all heads:
 ``unbiased=True`` uses the unbiased variance (factor d_h / (d_h - 1)) as the released
 checkpoints do; the default is the biased estimator.
 
-:func:`insert_distribution_alignment` places one module into the ``q_align`` slot of a
-model's decoder attention (:class:`qdetr.layers.MultiheadAttention` or any attention module
-with a ``q_align`` slot): ``where="cross"`` is the paper's co-attention query (paper profile),
-``where="self"`` the decoder self-attention query (released checkpoints, seed profile).
+:func:`insert_distribution_alignment` is the one placement function for every DETR. It puts a
+module into the ``q_align`` slot of a model's decoder attention (:class:`qdetr.layers.MultiheadAttention`,
+and the Hugging Face softmax attentions once :func:`qdetr.quant.quantize_model` gave them the
+slot): ``where="cross"`` is the paper's co-attention query (paper profile), ``where="self"`` the
+decoder self-attention query (released checkpoints, seed profile).
+
+Hugging Face DETR-family decoders:
+
+* softmax self-attention through the attention interface (DETR, Conditional DETR, Deformable
+  DETR, RT-DETR / RT-DETRv2, D-FINE, DEIMv2, LW-DETR, RF-DETR): the ``q_align`` slot of the
+  quantized attention function, applied to the per-head query (B, h, L, d_h);
+* DAB-DETR's ``DabDetrAttention``, whose query arrives already projected as ``hidden_states``
+  (B, L, h * d_h): when it has no slot, the module is registered as its ``q_align`` and a
+  forward pre-hook (``with_kwargs``) applies it per head before the attention scales the query.
+  The hook is not saved with the ``state_dict``: call this function on a fresh model before
+  loading a checkpoint that holds ``q_align`` parameters;
+* deformable cross-attention computes no query-key product, so ``where="cross"`` does not apply
+  to it: distribution alignment goes into these models' decoder self-attention (``where="self"``).
 """
 
 from __future__ import annotations
@@ -24,8 +38,8 @@ from torch import nn
 __all__ = ["DistributionAlignment", "insert_distribution_alignment"]
 
 _ATTENTION_NAMES = {
-    # decoder cross-attention: facebookresearch/detr and qdetr / Hugging Face
-    "cross": ("multihead_attn", "encoder_attn"),
+    # decoder cross-attention: facebookresearch/detr and qdetr / Hugging Face (DAB-DETR: cross_attn)
+    "cross": ("multihead_attn", "encoder_attn", "cross_attn"),
     # decoder self-attention
     "self": ("self_attn",),
 }
@@ -72,9 +86,10 @@ class DistributionAlignment(nn.Module):
 
 
 def _head_dim(attention: nn.Module) -> int:
-    head_dim = getattr(attention, "head_dim", None)
-    if isinstance(head_dim, int):
-        return head_dim
+    for attr in ("head_dim", "attention_head_dim"):
+        head_dim = getattr(attention, attr, None)
+        if isinstance(head_dim, int):
+            return head_dim
     embed_dim, num_heads = getattr(attention, "embed_dim", None), getattr(attention, "num_heads", None)
     if isinstance(embed_dim, int) and isinstance(num_heads, int) and num_heads > 0:
         return embed_dim // num_heads
@@ -86,6 +101,33 @@ def _reference_tensor(attention: nn.Module) -> torch.Tensor | None:
         if tensor.is_floating_point():
             return tensor
     return None
+
+
+def _takes_projected_query(module: nn.Module) -> bool:
+    """DAB-DETR-style attention: q, k, v projected outside, per-head sizes as attributes."""
+    return (
+        isinstance(getattr(module, "attention_heads", None), int)
+        and isinstance(getattr(module, "attention_head_dim", None), int)
+        and isinstance(getattr(module, "output_proj", None), nn.Module)
+        and not hasattr(module, "q_proj")
+    )
+
+
+def _align_projected_query(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: ``module.q_align`` on the per-head query passed as ``hidden_states``."""
+    if args:
+        hidden_states, args = args[0], args[1:]
+    else:
+        hidden_states = kwargs.pop("hidden_states")
+    bsz, length, width = hidden_states.shape  # (B, L, h * d_h)
+    heads, head_dim = module.attention_heads, module.attention_head_dim
+    q = hidden_states.view(bsz, length, heads, head_dim).transpose(1, 2)  # (B, h, L, d_h)
+    q = module.q_align(q).transpose(1, 2).reshape(bsz, length, width)
+    return (q, *args), kwargs
+
+
+def _is_deformable(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "sampling_offsets", None), nn.Module)
 
 
 def insert_distribution_alignment(
@@ -104,8 +146,9 @@ def insert_distribution_alignment(
 
     Args:
         model: the detector, modified in place.
-        where: ``"cross"`` (decoder ``multihead_attn`` / ``encoder_attn``, the paper's
-            co-attention query) or ``"self"`` (decoder ``self_attn``, the released checkpoints).
+        where: ``"cross"`` (decoder ``multihead_attn`` / ``encoder_attn`` / ``cross_attn``, the
+            paper's co-attention query) or ``"self"`` (decoder ``self_attn``, the released
+            checkpoints; the place for deformable-attention DETRs).
         unbiased: unbiased variance (released checkpoints) instead of the biased one.
         eps: variance epsilon.
 
@@ -114,7 +157,8 @@ def insert_distribution_alignment(
 
     Raises:
         ValueError: for an unknown ``where``, when no matching attention has a ``q_align``
-            slot, or when a slot already holds something other than ``nn.Identity``.
+            slot (the message says why for deformable cross-attention), or when a slot already
+            holds something other than ``nn.Identity``.
 
     Examples:
         >>> import qdetr
@@ -126,21 +170,37 @@ def insert_distribution_alignment(
         >>> out = model(torch.randn(1, 3, 64, 64))
         >>> out["pred_boxes"].shape                          # (B, Q, 4) normalised cxcywh
         torch.Size([1, 10, 4])
+
+        Hugging Face DAB-DETR passes its projected query to ``DabDetrAttention``, which gets a
+        pre-hook; RT-DETR's cross-attention is deformable (its decoder self-attention takes DA
+        once :func:`qdetr.quant.quantize_model` gave it the slot):
+
+        >>> from qdetr.tiny_hf_detr import build_tiny_hf_detr
+        >>> insert_distribution_alignment(build_tiny_hf_detr("dab_detr").model, where="self")[0]
+        'model.decoder.layers.0.self_attn.self_attn'
+        >>> insert_distribution_alignment(build_tiny_hf_detr("rt_detr").model, where="cross")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: RTDetrForObjectDetection's decoder cross-attention is deformable: ...use where='self'...
     """
     if where not in _ATTENTION_NAMES:
         raise ValueError(f"where must be 'cross' (paper) or 'self' (released checkpoints), got {where!r}")
     pattern = re.compile(r"(?:^|\.)decoder\.(?:.*\.)?(?:" + "|".join(_ATTENTION_NAMES[where]) + r")$")
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if pattern.search(name) and hasattr(module, "q_align")
-    ]
-    if not targets:
+    matching = [(name, module) for name, module in model.named_modules() if pattern.search(name)]
+    targets = [(name, module) for name, module in matching if hasattr(module, "q_align")]
+    hooked = [(name, module) for name, module in matching if not hasattr(module, "q_align") and _takes_projected_query(module)]
+    if not targets and not hooked:
+        if where == "cross" and any(_is_deformable(module) for _, module in matching):
+            raise ValueError(
+                f"{type(model).__name__}'s decoder cross-attention is deformable: it has no query-key product "
+                "whose query could be aligned; use where='self' (the decoder self-attention query, as in the "
+                "released checkpoints)"
+            )
         names = " / ".join(_ATTENTION_NAMES[where])
         raise ValueError(
             f"{type(model).__name__} has no decoder attention named {names} with a 'q_align' slot; build the "
             "model with qdetr.layers.MultiheadAttention (qdetr models do) or, for Hugging Face models, call "
-            "qdetr.quant.quantize_model first if its attention wrapper provides the slot"
+            "qdetr.quant.quantize_model first, which gives their softmax attention the slot"
         )
     for name, module in targets:
         if not isinstance(module.q_align, nn.Identity):
@@ -148,10 +208,13 @@ def insert_distribution_alignment(
                 f"{name}.q_align already holds {type(module.q_align).__name__}; insert distribution alignment "
                 "once per model (reset the slot to nn.Identity() to replace it)"
             )
-    for name, module in targets:
+    for name, module in targets + hooked:
         align = DistributionAlignment(_head_dim(module), eps=eps, unbiased=unbiased)
         ref = _reference_tensor(module)
         if ref is not None:
             align = align.to(device=ref.device, dtype=ref.dtype)
         module.q_align = align
-    return [name for name, _ in targets]
+    for _, module in hooked:
+        module.register_forward_pre_hook(_align_projected_query, with_kwargs=True)
+    placed = {name for name, _ in targets + hooked}
+    return [name for name, _ in matching if name in placed]
