@@ -173,7 +173,10 @@ def test_quantized_student_gets_a_positive_loss_and_gradients(name):
         out = tiny.forward(with_labels=True)
     outputs = capture.outputs(out)
     assert outputs["co_attn_features"].shape == teacher_outputs["co_attn_features"].shape
-    losses = DistillationLoss(tau=0.0)(outputs, teacher_outputs, _targets_near(teacher_outputs["pred_boxes"]))
+    # Random-weight student and teacher select unrelated two-stage proposals; every query overlaps
+    # a whole-image box, so foreground-aware matching has queries to pair by their boxes.
+    whole_image = [{"boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]])} for _ in range(BATCH)]
+    losses = DistillationLoss()(outputs, teacher_outputs, whole_image)
     assert losses["num_distilled"] > 0
     assert losses["loss_drd"].item() > 0
     total = losses["loss_drd"] + (out.loss if tiny.labels is not None else 0.0)
