@@ -16,12 +16,15 @@ decoder self-attention query (released checkpoints, seed profile).
 
 Hugging Face DETR-family decoders:
 
-* softmax self-attention through the attention interface (DETR, Conditional DETR, Deformable
-  DETR, RT-DETR / RT-DETRv2, D-FINE, DEIMv2, LW-DETR, RF-DETR): the ``q_align`` slot of the
-  quantized attention function, applied to the per-head query (B, h, L, d_h);
-* DAB-DETR's ``DabDetrAttention``, whose query arrives already projected as ``hidden_states``
-  (B, L, h * d_h): when it has no slot, the module is registered as its ``q_align`` and a
-  forward pre-hook (``with_kwargs``) applies it per head before the attention scales the query.
+* softmax attention quantized by :func:`qdetr.quant.quantize_model` (through the attention
+  interface: DETR, Conditional DETR, Deformable DETR, RT-DETR / RT-DETRv2, D-FINE, DEIMv2,
+  LW-DETR, RF-DETR; inline: Table Transformer, DAB-DETR, Grounding DINO, OmDet-Turbo): the
+  ``q_align`` slot of the quantized forward, applied to the unscaled per-head query (B, h, L, d_h);
+* a float DAB-DETR's ``DabDetrAttention``, whose query arrives already projected as
+  ``hidden_states`` (B, L, h * d_h): it has no slot, so the module is registered as its
+  ``q_align`` and a forward pre-hook (``with_kwargs``) applies it per head before the attention
+  scales the query (quantizing the model afterwards keeps the module and drops the hook's work,
+  as the quantized forward applies the slot itself).
   The hook is not saved with the ``state_dict``: call this function on a fresh model before
   loading a checkpoint that holds ``q_align`` parameters;
 * deformable cross-attention computes no query-key product, so ``where="cross"`` does not apply
@@ -86,7 +89,7 @@ class DistributionAlignment(nn.Module):
 
 
 def _head_dim(attention: nn.Module) -> int:
-    for attr in ("head_dim", "attention_head_dim"):
+    for attr in ("head_dim", "attention_head_dim", "attention_head_size"):
         head_dim = getattr(attention, attr, None)
         if isinstance(head_dim, int):
             return head_dim
@@ -113,8 +116,14 @@ def _takes_projected_query(module: nn.Module) -> bool:
     )
 
 
-def _align_projected_query(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: ``module.q_align`` on the per-head query passed as ``hidden_states``."""
+def _align_projected_query(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: ``module.q_align`` on the per-head query passed as ``hidden_states``.
+
+    Does nothing once the module's class has changed since the hook was registered:
+    :func:`qdetr.quant.quantize_model` swaps in a forward that applies the ``q_align`` slot itself.
+    """
+    if type(module) is not module._q_align_hooked_class:
+        return None
     if args:
         hidden_states, args = args[0], args[1:]
     else:
@@ -215,6 +224,7 @@ def insert_distribution_alignment(
             align = align.to(device=ref.device, dtype=ref.dtype)
         module.q_align = align
     for _, module in hooked:
+        module._q_align_hooked_class = type(module)
         module.register_forward_pre_hook(_align_projected_query, with_kwargs=True)
     placed = {name for name, _ in targets + hooked}
     return [name for name, _ in matching if name in placed]

@@ -237,7 +237,7 @@ def test_deformable_cross_attention_takes_no_alignment(name):
         insert_distribution_alignment(build_tiny_hf_detr(name).model, where="cross")
 
 
-@pytest.mark.parametrize("name", ["deformable_detr", "rt_detr", "d_fine", "lw_detr"])
+@pytest.mark.parametrize("name", ["deformable_detr", "rt_detr", "d_fine", "lw_detr", "table_transformer", "grounding_dino"])
 def test_quantized_self_attention_takes_alignment(name):
     tiny = build_tiny_hf_detr(name)
     model = quantize_model(tiny.model, bits=4)
@@ -248,3 +248,28 @@ def test_quantized_self_attention_takes_alignment(name):
     out.loss.backward()
     align = model.get_submodule(names[-1]).q_align
     assert align.weight.grad is not None and align.weight.grad.abs().sum() > 0
+
+
+def test_dab_detr_alignment_is_applied_once_whether_inserted_before_or_after_quantization():
+    def aligned_then_quantized(order):
+        tiny = build_tiny_hf_detr("dab_detr", attn_implementation="eager")
+        model = tiny.model
+        if order == "align first":
+            insert_distribution_alignment(model, where="self")
+            quantize_model(model, bits=4)
+        else:
+            quantize_model(model, bits=4)
+            insert_distribution_alignment(model, where="self")
+        calls = []
+        for i in range(NUM_LAYERS):
+            align = model.get_submodule(f"model.decoder.layers.{i}.self_attn.self_attn.q_align")
+            align.register_forward_hook(lambda m, args, out: calls.append(1))
+        model.train()
+        torch.manual_seed(0)
+        out = tiny.forward(with_labels=True)  # calibrates the quantizers
+        return calls, out.pred_boxes
+
+    calls_first, boxes_first = aligned_then_quantized("align first")
+    calls_after, boxes_after = aligned_then_quantized("quantize first")
+    assert len(calls_first) == len(calls_after) == NUM_LAYERS  # once per layer, not twice
+    torch.testing.assert_close(boxes_first, boxes_after)
