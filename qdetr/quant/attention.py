@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qdetr.layers.attention import AttentionSlots, MultiheadAttention
+from qdetr.layers.recompute import recompute_saved, slot_recipes
 from qdetr.quant.config import AttentionQuantSpec, LayerQuantSpec
 from qdetr.quant.modules import QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
@@ -215,20 +216,23 @@ def _fake_quant_attention_function(
     identity = nn.Identity()
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    q = getattr(module, "q_align", identity)(query)
-    q = getattr(module, "q_quantizer", identity)(q)
-    k = getattr(module, "k_quantizer", identity)(key)
-    v = getattr(module, "v_quantizer", identity)(value)
-    logits = torch.matmul(q, k.transpose(2, 3)) * scaling
+    q_aligned = getattr(module, "q_align", identity)(query)
+    q_slot, k_slot, v_slot = (getattr(module, n, identity) for n in ("q_quantizer", "k_quantizer", "v_quantizer"))
+    q, k, v = q_slot(q_aligned), k_slot(key), v_slot(value)
+    # Quantized q/k/v/probabilities are recomputed in backward rather than saved (qdetr.layers.recompute).
+    with recompute_saved(slot_recipes((q, q_slot, q_aligned), (k, k_slot, key))):
+        logits = torch.matmul(q, k.transpose(2, 3)) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # True = attend
             attention_mask = torch.zeros_like(attention_mask, dtype=logits.dtype).masked_fill_(~attention_mask, -torch.inf)
         logits = logits + attention_mask
     probs = torch.softmax(logits, dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    probs = getattr(module, "prob_quantizer", identity)(probs)
-    out = torch.matmul(probs, v).transpose(1, 2).contiguous()
-    return out, probs
+    p_slot = getattr(module, "prob_quantizer", identity)
+    p_hat = p_slot(probs)
+    with recompute_saved(slot_recipes((p_hat, p_slot, probs), (v, v_slot, value))):
+        out = torch.matmul(p_hat, v).transpose(1, 2).contiguous()
+    return out, p_hat
 
 
 def _register_hf_attention_function() -> None:

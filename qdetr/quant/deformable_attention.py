@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdetr.layers.recompute import recompute_saved
 from qdetr.quant.config import AttentionQuantSpec, LayerQuantSpec
 from qdetr.quant.modules import QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer
@@ -176,11 +177,17 @@ class QuantDeformableCore(nn.Module):
                 sampled.append(values.transpose(1, 2).reshape(b * h, d, q, num_points[level]))
             else:
                 raise ValueError(f"unknown deformable sampling method {method!r}; expected 'default' or 'discrete'")
-        points = torch.cat(sampled, dim=-1)  # (B·h, d_h, Q, L·P)
-        points = self._quant("sampled_quantizer", points.view(b, h, d, q, -1)).view(b * h, d, q, -1)
+        points = torch.cat(sampled, dim=-1).view(b, h, d, q, -1)  # (B, h, d_h, Q, L·P)
         weights = weights.permute(0, 2, 1, 3).reshape(b * h, 1, q, sum(num_points))
-        out = (points * weights).sum(-1).view(b, h * d, q)
-        return out.transpose(1, 2).contiguous()
+        if self.sampled_quantizer is None:
+            out = (points.view(b * h, d, q, -1) * weights).sum(-1)
+        else:
+            # The quantized samples are recomputed in backward rather than saved (qdetr.layers.recompute).
+            p_hat = self.sampled_quantizer(points).view(b * h, d, q, -1)
+            recipe = {p_hat: lambda: self.sampled_quantizer.recompute(points).view(b * h, d, q, -1)}
+            with recompute_saved(recipe):
+                out = (p_hat * weights).sum(-1)
+        return out.view(b, h * d, q).transpose(1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------- recognition

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdetr.layers.recompute import recompute_saved, slot_recipes
 from qdetr.quant.config import AttentionQuantSpec, LayerQuantSpec
 from qdetr.quant.modules import QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer
@@ -62,11 +63,11 @@ def _softmax_attention(
     softmax_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, h, L, d) q, (B, h, S, d) k, (B, h, S, d_v) v -> out (B, h, L, d_v), probs (B, h, L, S)."""
-    q = _slot(module, "q_align", q)
-    q = _slot(module, "q_quantizer", q)
-    k = _slot(module, "k_quantizer", k)
-    v = _slot(module, "v_quantizer", v)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    q_aligned = _slot(module, "q_align", q)
+    q_hat, k_hat, v_hat = _slot(module, "q_quantizer", q_aligned), _slot(module, "k_quantizer", k), _slot(module, "v_quantizer", v)
+    # Quantized q/k/v/probabilities are recomputed in backward rather than saved (qdetr.layers.recompute).
+    with recompute_saved(_recipes((q_hat, "q_quantizer", q_aligned), (k_hat, "k_quantizer", k), module=module)):
+        logits = torch.matmul(q_hat, k_hat.transpose(-1, -2)) * scaling
     if mask is not None:
         if mask.dtype == torch.bool:
             mask = torch.zeros_like(mask, dtype=logits.dtype).masked_fill_(mask, -torch.inf)
@@ -77,8 +78,13 @@ def _softmax_attention(
         probs = F.softmax(logits, dim=-1)
     probs_out = probs
     probs = F.dropout(probs, p=dropout, training=module.training)
-    probs = _slot(module, "prob_quantizer", probs)
-    return torch.matmul(probs, v), probs_out
+    p_hat = _slot(module, "prob_quantizer", probs)
+    with recompute_saved(_recipes((p_hat, "prob_quantizer", probs), (v_hat, "v_quantizer", v), module=module)):
+        return torch.matmul(p_hat, v_hat), probs_out
+
+
+def _recipes(*triples: tuple[torch.Tensor, str, torch.Tensor], module: nn.Module) -> dict:
+    return slot_recipes(*[(out, getattr(module, name, None) or nn.Identity(), x) for out, name, x in triples])
 
 
 def _heads(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
