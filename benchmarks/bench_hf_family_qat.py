@@ -15,7 +15,7 @@ per-pair ratios. Memory: bytes autograd saves for backward (saved-tensor hooks) 
 RSS of a fresh process doing two training steps.
 
 Usage:
-    python benchmarks/bench_hf_family_qat.py [--quick] [--pairs 5] [--size 640] [--threads 1]
+    python benchmarks/bench_hf_family_qat.py [--quick] [--pairs 5] [--size 640] [--threads 1] [--breakdown]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import time
 import torch
 from torch import nn
 
-from qdetr.quant import calibrate, quantize_model
+from qdetr.quant import QuantConfig, calibrate, quantize_model
+from qdetr.quant.attention_adapters import find_attention_adapter
 
 
 def build_rt_detr_r18(seed: int = 0, size: int = 640) -> tuple[nn.Module, torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -72,9 +73,14 @@ def build_rt_detr_r18(seed: int = 0, size: int = 640) -> tuple[nn.Module, torch.
 
 
 def build(variant: str, size: int) -> tuple[nn.Module, torch.Tensor, list]:
+    """``"float"``, ``"qat"`` or ``"qat_float_attention"`` (every attention module kept float:
+    shows how much of the overhead comes from the attention data path)."""
     model, x, labels = build_rt_detr_r18(size=size)
-    if variant == "qat":
-        quantize_model(model, bits=4)
+    if variant.startswith("qat"):
+        keep = ()
+        if variant == "qat_float_attention":
+            keep = tuple(n for n, m in model.named_modules() if n and find_attention_adapter(m) is not None)
+        quantize_model(model, config=QuantConfig(bits=4, keep_float=keep))
         calibrate(model, [x], forward_fn=lambda m, batch: m(pixel_values=batch))
     return model, x, labels
 
@@ -128,25 +134,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="320 px, 3 pairs, no peak-RSS subprocesses")
     parser.add_argument("--wall", action="store_true", help="wall-clock step times instead of CPU time")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time QAT with every attention module kept float (no RSS)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.size, args.pairs = 320, 3
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.wall else time.process_time
 
+    variants = ("float", "qat", "qat_float_attention") if args.breakdown else ("float", "qat")
     runs = {}
-    for variant in ("float", "qat"):
+    for variant in variants:
         model, x, labels = build(variant, args.size)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         train_step(model, opt, x, labels, clock)  # warm-up
         runs[variant] = (model, opt, x, labels)
-    times: dict[str, list[float]] = {"float": [], "qat": []}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.pairs):
-        for variant in ("float", "qat"):
+        for variant in variants:
             model, opt, x, labels = runs[variant]
             times[variant].append(train_step(model, opt, x, labels, clock))
     ratios = [q / f for f, q in zip(times["float"], times["qat"])]
-    saved = {v: saved_tensor_bytes(m, x, labels) / 2**20 for v, (m, _, x, labels) in runs.items()}
+    saved = {v: saved_tensor_bytes(m, x, labels) / 2**20 for v, (m, _, x, labels) in runs.items() if v != "qat_float_attention"}
     params = sum(p.numel() for p in runs["float"][0].parameters())
     del runs
     rss = {v: (None if args.quick else peak_rss_child(v, args.size, args.threads)) for v in ("float", "qat")}
@@ -169,6 +179,11 @@ def main() -> None:
             qat_peak_rss_mib=round(rss["qat"]),
             peak_rss_ratio=round(rss["qat"] / rss["float"], 3),
         )
+    if args.breakdown:
+        summary["qat_float_attention_step_s"] = round(statistics.median(times["qat_float_attention"]), 3)
+        summary["time_ratio_float_attention"] = round(
+            statistics.median(a / f for f, a in zip(times["float"], times["qat_float_attention"])), 3
+        )
     if args.json:
         print(json.dumps(summary))
         return
@@ -181,6 +196,11 @@ def main() -> None:
     print(f"saved-for-backward ratio   : {summary['saved_ratio']:.3f}")
     if rss["float"] is not None:
         print(f"peak RSS ratio             : {summary['peak_rss_ratio']:.3f}")
+    if args.breakdown:
+        print(
+            f"QAT with attention kept float: {summary['qat_float_attention_step_s']:.3f} s, "
+            f"ratio {summary['time_ratio_float_attention']:.3f}"
+        )
 
 
 if __name__ == "__main__":

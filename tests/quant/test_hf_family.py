@@ -366,3 +366,21 @@ def test_pixel_padding_mask_survives_the_fake_quant_attention():
         unpadded = dict(inputs, pixel_mask=torch.ones_like(inputs["pixel_mask"]))
         assert not torch.allclose(model(**unpadded).logits, ref(**inputs).logits, atol=1e-6)
     assert re.search("qdetr_fake_quant", model.config._attn_implementation)
+
+
+def test_an_unknown_deformable_core_is_reported_not_skipped():
+    tiny = build_tiny_hf_detr("deformable_detr")
+    attn = tiny.model.model.decoder.layers[0].encoder_attn
+
+    class RefactoredMultiScaleDeformableAttention(nn.Module):  # a core whose signature changed
+        def forward(self, value, spatial_shapes, sampling_locations, attention_weights):
+            raise AssertionError("not called")
+
+    attn.attn = RefactoredMultiScaleDeformableAttention()
+    before = _state(tiny.model)
+    with pytest.raises(NotImplementedError, match=r"layers\.0\.encoder_attn \(DeformableDetrMultiscaleDeformableAttention\)"):
+        quantize_model(tiny.model, bits=4)
+    _assert_same(before, _state(tiny.model))
+    # keeping it float on purpose works, and protects its children
+    quantize_model(tiny.model, config=QuantConfig(bits=4, keep_float=("model.decoder.layers.0.encoder_attn",)))
+    assert type(attn.value_proj) is nn.Linear
