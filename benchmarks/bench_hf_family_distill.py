@@ -13,10 +13,10 @@ self-attention), each step being forward + backward + AdamW:
 and prints ``+distill / +teacher`` (the distillation's own overhead; target <= 1.15x) and
 ``+distill / qat``, plus the ``DistillationLoss`` forward alone.
 
-Model: RT-DETR with a ResNet-18-sized backbone (``RTDetrResNetConfig`` basic blocks, depths
-[2, 2, 2, 2], widths [64, 128, 256, 512]), d_model 256, 6 decoder layers, 300 queries, 80
-classes, 640 x 640 px, batch 2 (:func:`build_rt_detr_r18`, importable by the other
-benchmarks).
+Model and batch: ``build_rt_detr_r18`` of ``benchmarks/bench_hf_family_qat.py``, so that both
+benchmarks time the same model: RT-DETR with a ResNet-18-sized backbone (``RTDetrResNetConfig``
+basic blocks, depths [2, 2, 2, 2], widths [64, 128, 256, 512]), d_model 256, 6 decoder layers,
+300 queries, 100 denoising queries, 640 x 640 px, batch 2 with 6 and 4 objects.
 
 Run (a few minutes)::
 
@@ -29,59 +29,23 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from qdetr.distill import DistillationLoss, FrozenTeacher, capture_co_attention, insert_distribution_alignment
 from qdetr.quant import quantize_model
 
-def build_rt_detr_r18(seed: int = 0) -> torch.nn.Module:
-    """RT-DETR-R18-sized ``RTDetrForObjectDetection`` from a config (random weights)."""
-    import transformers
-
-    backbone = transformers.RTDetrResNetConfig(
-        embedding_size=64,
-        hidden_sizes=[64, 128, 256, 512],
-        depths=[2, 2, 2, 2],
-        layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    config = transformers.RTDetrConfig(
-        backbone_config=backbone,
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        encoder_in_channels=[128, 256, 512],
-        d_model=256,
-        decoder_layers=6,
-        num_queries=300,
-        num_labels=80,
-    )
-    torch.manual_seed(seed)
-    return transformers.RTDetrForObjectDetection(config)
-
-
-def _labels(batch_size: int, per_image: int, generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
-    labels = []
-    for _ in range(batch_size):
-        centres = 0.2 + 0.6 * torch.rand(per_image, 2, generator=generator)
-        sizes = 0.05 + 0.3 * torch.rand(per_image, 2, generator=generator)
-        labels.append(
-            {
-                "class_labels": torch.randint(0, 80, (per_image,), generator=generator),
-                "boxes": torch.cat([centres, sizes], dim=1),
-            }
-        )
-    return labels
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hf_family_qat import build_rt_detr_r18  # noqa: E402  (the QAT benchmark's model and batch)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=640)
-    parser.add_argument("--gt-per-image", type=int, default=7, help="COCO averages about 7 objects per image")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="256 px, 2 repeats, no warm-up: a smoke run")
     args = parser.parse_args(argv)
@@ -89,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         args.image_size, args.repeats, args.warmup = 256, 2, 0
     torch.set_num_threads(1)
 
-    float_model = build_rt_detr_r18(seed=0)
+    float_model, x, labels = build_rt_detr_r18(seed=0, size=args.image_size)
     teacher = FrozenTeacher(copy.deepcopy(float_model))
     student = quantize_model(float_model, bits=args.bits)
     insert_distribution_alignment(student, where="self")
@@ -97,9 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     distill = DistillationLoss()
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
-    labels = _labels(args.batch_size, args.gt_per_image, g)
     student(pixel_values=x, labels=labels)  # first training forward calibrates the quantizers
 
     def step(mode: str) -> float:
@@ -142,14 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     loss_fwd = statistics.median(loss_times)
     print(
         f"torch {torch.__version__}, 1 thread, RT-DETR-R18-sized (d=256, 6 decoder layers, 300 queries), "
-        f"W{args.bits}, batch {args.batch_size}, {args.image_size}x{args.image_size} px, "
-        f"{args.gt_per_image} GT/image, median of {args.repeats} interleaved steps"
+        f"W{args.bits}, batch {x.shape[0]}, {args.image_size}x{args.image_size} px, "
+        f"{[len(t['boxes']) for t in labels]} objects, median of {args.repeats} interleaved steps"
     )
     print(
         f"qat {med['qat']:.3f} s | +teacher {med['teacher']:.3f} s | +distill {med['distill']:.3f} s | "
         f"distill/teacher {med['distill'] / med['teacher']:.3f}x (target <= 1.15x) | "
         f"distill/qat {med['distill'] / med['qat']:.3f}x | DistillationLoss forward {loss_fwd * 1e3:.1f} ms "
-        f"({int(stats['num_distilled'])} pairs of {outputs['pred_boxes'].shape[1]} queries x {args.batch_size})"
+        f"({int(stats['num_distilled'])} pairs of {outputs['pred_boxes'].shape[1]} queries x {x.shape[0]})"
     )
 
 
