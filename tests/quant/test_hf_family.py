@@ -384,3 +384,18 @@ def test_an_unknown_deformable_core_is_reported_not_skipped():
     # keeping it float on purpose works, and protects its children
     quantize_model(tiny.model, config=QuantConfig(bits=4, keep_float=("model.decoder.layers.0.encoder_attn",)))
     assert type(attn.value_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("name", ["rt_detr_v2", "table_transformer"])
+def test_quantized_model_deep_copies_and_round_trips_its_state_dict(name):
+    tiny = build_tiny_hf_detr(name)
+    model = quantize_model(tiny.model, bits=4)
+    tiny.forward(with_labels=True)  # calibrates
+    model.eval()
+    other = quantize_model(build_tiny_hf_detr(name, seed=5).model, bits=4)
+    other.load_state_dict(model.state_dict(), strict=True)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = _outputs(model(**tiny.inputs))
+        torch.testing.assert_close(_outputs(other.eval()(**tiny.inputs)), expected, atol=0, rtol=0)
+        torch.testing.assert_close(_outputs(clone(**tiny.inputs)), expected, atol=0, rtol=0)
