@@ -15,13 +15,15 @@ per-pair ratios. Memory: bytes autograd saves for backward (saved-tensor hooks) 
 RSS of a fresh process doing two training steps.
 
 Usage:
-    python benchmarks/bench_hf_family_qat.py [--quick] [--pairs 5] [--size 640] [--threads 1] [--breakdown]
+    python benchmarks/bench_hf_family_qat.py [--quick] [--pairs 5] [--size 640] [--threads 1]
+        [--kernels eager|compiled] [--breakdown]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from torch import nn
 
 from qdetr.quant import QuantConfig, calibrate, quantize_model
 from qdetr.quant.attention_adapters import find_attention_adapter
+from qdetr.quant.kernels import set_kernel_backend
 
 
 def build_rt_detr_r18(seed: int = 0, size: int = 640) -> tuple[nn.Module, torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -113,7 +116,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, la
     return clock() - t0
 
 
-def peak_rss_child(variant: str, size: int, threads: int) -> float:
+def peak_rss_child(variant: str, size: int, threads: int, kernels: str = "eager") -> float:
     code = (
         "import sys, resource, torch; sys.path.insert(0, 'benchmarks');"
         f"torch.set_num_threads({threads});"
@@ -122,7 +125,8 @@ def peak_rss_child(variant: str, size: int, threads: int) -> float:
         "m(pixel_values=x, labels=labels).loss.backward(); m(pixel_values=x, labels=labels).loss.backward();"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "QDETR_QUANT_KERNELS": kernels}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MiB (ru_maxrss is KiB on Linux)
 
 
@@ -135,12 +139,21 @@ def main() -> None:
     parser.add_argument("--wall", action="store_true", help="wall-clock step times instead of CPU time")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument(
+        "--kernels",
+        choices=("eager", "compiled"),
+        default="eager",
+        help="fake-quant kernels of the QAT model: eager (library default) or compiled (qdetr train's default "
+        "for models of 5 M parameters or more; the warm-up step compiles them)",
+    )
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument(
         "--breakdown", action="store_true", help="also time QAT with every attention module kept float (no RSS)"
     )
     args = parser.parse_args()
     if args.quick:
         args.size, args.pairs = 320, 3
     torch.set_num_threads(args.threads)
+    set_kernel_backend(args.kernels)
     clock = time.perf_counter if args.wall else time.process_time
 
     variants = ("float", "qat", "qat_float_attention") if args.breakdown else ("float", "qat")
@@ -159,11 +172,12 @@ def main() -> None:
     saved = {v: saved_tensor_bytes(m, x, labels) / 2**20 for v, (m, _, x, labels) in runs.items() if v != "qat_float_attention"}
     params = sum(p.numel() for p in runs["float"][0].parameters())
     del runs
-    rss = {v: (None if args.quick else peak_rss_child(v, args.size, args.threads)) for v in ("float", "qat")}
+    skip_rss = args.quick or args.no_rss
+    rss = {v: (None if skip_rss else peak_rss_child(v, args.size, args.threads, args.kernels)) for v in ("float", "qat")}
 
     summary = {
         "workload": f"RT-DETR-R18-sized ({params / 1e6:.1f} M params), batch 2x3x{args.size}x{args.size}, "
-        f"{args.threads} thread(s), {'wall' if args.wall else 'CPU'} time",
+        f"{args.threads} thread(s), {'wall' if args.wall else 'CPU'} time, {args.kernels} fake-quant kernels",
         "pairs": args.pairs,
         "float_step_s": round(statistics.median(times["float"]), 3),
         "qat_step_s": round(statistics.median(times["qat"]), 3),
