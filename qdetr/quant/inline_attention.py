@@ -8,17 +8,19 @@ slots of method.md section 4 (``q_quantizer``, ``k_quantizer``, ``v_quantizer``,
 ``prob_quantizer`` at ``attn_bits``, head axis 1 of (B, h, L, ·) tensors; q is quantized
 *before* the ``d_h^-1/2`` scaling):
 
-=====================  ==============================================================  =========================
-structure              transformers classes                                            output projection
-=====================  ==============================================================  =========================
-``"detr_inline"``      ``TableTransformerAttention``, DAB-DETR's ``DetrAttention``      child ``out_proj``
-``"dab_wrapper"``      ``DabDetrDecoderLayerSelfAttention`` / ``…CrossAttention``      ``<inner>.output_proj``
-                       (projections in the wrapper, softmax in ``DabDetrAttention``)
-``"query_key_value"``  ``GroundingDinoMultiheadAttention``, ``MMGroundingDino…``,        child ``out_proj``
-                       ``OmDetTurboMultiheadAttention``
-``"bidirectional"``    ``GroundingDinoBiMultiHeadAttention`` (+ MM): image→text and    ``out_vision_proj``,
-                       text→image softmaxes, two probability quantizers                ``out_text_proj``
-=====================  ==============================================================  =========================
+======================  ==========================================================  =========================
+structure               transformers classes                                        output projection
+======================  ==========================================================  =========================
+``"detr_inline"``       ``TableTransformerAttention``                               child ``out_proj``
+``"detr_inline_dab"``   DAB-DETR's encoder ``DetrAttention`` (float32 softmax)      child ``out_proj``
+``"dab_inner"``         ``DabDetrAttention`` inside ``DabDetrDecoderLayerSelf…`` /  ``output_proj``
+                        ``…CrossAttention`` wrappers, which hold the q/k/v
+                        projections (the wrapper is the unit quantized)
+``"query_key_value"``   ``GroundingDinoMultiheadAttention``, ``MMGroundingDino…``,    child ``out_proj``
+                        ``OmDetTurboMultiheadAttention``
+``"bidirectional"``     ``GroundingDinoBiMultiHeadAttention`` (+ MM): image→text     ``out_vision_proj``,
+                        and text→image softmaxes, two probability quantizers        ``out_text_proj``
+======================  ==========================================================  =========================
 
 A class is recognised by its child modules, head attributes and ``forward`` parameter
 names; a class whose structure differs (a new transformers version) is not recognised, and
@@ -181,7 +183,7 @@ class InlineAttentionStructure:
     """How one family of inline-softmax attention modules is recognised and quantized.
 
     Attributes:
-        name: structure key (``"detr_inline"``, ``"dab_wrapper"``, ``"query_key_value"``, ``"bidirectional"``).
+        name: structure key (a key of :data:`INLINE_STRUCTURES`).
         forward_args: the original ``forward``'s parameter names (recognition).
         children: ``nn.Linear`` children that must exist (recognition).
         attributes: integer attributes that must exist (recognition).
