@@ -139,6 +139,9 @@ def test_training_outputs_keep_the_matching_queries_only(name):
     for key in ("pred_boxes", "logits", "last_hidden_state"):
         assert merged[key].shape[1] == NUM_QUERIES, key
         torch.testing.assert_close(merged[key], out[key][:, kept])
+    # The model's loss and its auxiliary and encoder outputs are passed through untouched.
+    for key in ("loss", "auxiliary_outputs", "enc_outputs_class"):
+        assert merged[key] is out[key], key
     # In eval mode the same model runs its matching queries only and nothing is sliced.
     tiny.model.eval()
     with torch.no_grad(), capture_co_attention(tiny.model) as capture:
