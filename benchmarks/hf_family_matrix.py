@@ -35,14 +35,31 @@ import torch
 
 import qdetr
 from qdetr.atomic_write import atomic_path
-from qdetr.distill import DistillationLoss, FrozenTeacher, capture_co_attention, find_decoder_cross_attention
+from qdetr.distill import (
+    DistillationLoss,
+    FrozenTeacher,
+    capture_co_attention,
+    find_decoder_cross_attention,
+    insert_distribution_alignment,
+)
 from qdetr.tiny_hf_detr import TINY_HF_DETR_NAMES, build_tiny_hf_detr
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "hf-family-coverage.md"
 COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hf_family_matrix.py"
 BITS = 4
-COLUMNS = ("Class", "Tiny config", "Conv", "Linear", "Attention", "Kept in float (why)", "Distillation capture", "QAT + distillation step", "Losses")
+COLUMNS = (
+    "Class",
+    "Tiny config",
+    "Conv",
+    "Linear",
+    "Attention",
+    "Kept in float (why)",
+    "Distillation capture",
+    "Distribution alignment",
+    "QAT + distillation step",
+    "Losses",
+)
 #: Columns whose text must be reproduced exactly by a re-run (the losses are figures, not checked).
 CHECKED_COLUMNS = COLUMNS[:-1]
 
@@ -95,6 +112,7 @@ class MatrixRow:
     attention: str = "-"
     kept_float: str = "-"
     capture: str = "-"
+    alignment: str = "-"
     step: str = "not run"
     losses: str = "-"
     passed: bool = False
@@ -109,6 +127,7 @@ class MatrixRow:
             self.attention,
             self.kept_float,
             self.capture,
+            self.alignment,
             self.step,
             self.losses,
         )
@@ -188,6 +207,12 @@ def matrix_row(tiny_name: str, *, seed: int = 0) -> MatrixRow:
         quantized, total = summary.coverage[kind]
         setattr(row, kind, f"{quantized}/{total}")
     row.kept_float = _kept_float(summary)
+    aligned = insert_distribution_alignment(student, where="self") if has_decoder else []
+    if aligned:
+        relative = aligned[-1].split(".layers.", 1)[1].split(".", 1)[1]
+        row.alignment = f"`{relative}` query (x{len(aligned)} layers)"
+    else:
+        row.alignment = "none (no decoder)"
 
     student.train()
     torch.manual_seed(seed)
@@ -210,6 +235,7 @@ def matrix_row(tiny_name: str, *, seed: int = 0) -> MatrixRow:
     optimizer.zero_grad()
     total.backward()
     grads_ok = _grad_reaches_steps(student)
+    align_ok = all(student.get_submodule(name).q_align.weight.grad is not None for name in aligned)
     optimizer.step()
 
     values = {k: v.item() for k, v in parts.items()}
@@ -220,12 +246,17 @@ def matrix_row(tiny_name: str, *, seed: int = 0) -> MatrixRow:
         used.append("own loss")
     else:
         used.append("no own loss (transformers computes none for this model)")
-    used.append("DRD" if has_decoder else "no DRD (encoder-only)")
-    row.passed = finite and grads_ok and (not has_decoder or values["loss_drd"] > 0)
+    used.append("DA + DRD" if has_decoder else "no DA or DRD (encoder-only)")
+    row.passed = finite and grads_ok and align_ok and (not has_decoder or values["loss_drd"] > 0)
     if row.passed:
         row.step = "pass: " + " + ".join(used)
     else:
-        why = [w for w, bad in (("non-finite loss", not finite), ("no gradient at the quantizer steps", not grads_ok)) if bad]
+        checks = (
+            ("non-finite loss", not finite),
+            ("no gradient at the quantizer steps", not grads_ok),
+            ("no gradient at the distribution alignment", not align_ok),
+        )
+        why = [w for w, bad in checks if bad]
         if has_decoder and values["loss_drd"] <= 0:
             why.append("loss_drd is 0")
         row.step = "FAIL: " + ", ".join(why)
@@ -266,10 +297,14 @@ def render(rows: list[MatrixRow]) -> str:
         "Each row: the model is quantized; **Conv / Linear / Attention** give quantized/total modules from "
         "`qdetr.quant_summary`; **Kept in float** groups the float layers by the reason the policy gives "
         "(count in brackets); **Distillation capture** is where `capture_co_attention` reads the co-attended "
-        "feature of the last decoder layer; the **step** is one training step of the 4-bit student with the "
-        "model's own loss and labels plus `DistillationLoss` against its float copy in `FrozenTeacher` "
-        "(backward and one AdamW step). It passes when the losses are finite, the DRD loss is positive and the "
-        "gradients reach the quantizers' step sizes. **Losses** are the step's figures on this machine "
+        "feature of the last decoder layer; **Distribution alignment** is where "
+        "`insert_distribution_alignment(student, where=\"self\")` put DA; the **step** is one training step of "
+        "the 4-bit student with the model's own loss and labels plus `DistillationLoss` against its float copy "
+        "in `FrozenTeacher` (backward and one AdamW step). The step's ground truth is the tiny batch's labels "
+        "plus one whole-image box per image: with random weights, student and teacher select unrelated "
+        "proposals, and every query overlaps that box, so foreground-aware matching has queries to pair by their "
+        "boxes. It passes when the losses are finite, the DRD loss is positive and the gradients reach the "
+        "quantizers' step sizes and the alignment parameters. **Losses** are the step's figures on this machine "
         "(`own` = the model's loss, `loss_drd` = the distillation term).",
         "",
         f"**{passed} of {len(rows)} classes pass.** The DETR family is every class of transformers' "
