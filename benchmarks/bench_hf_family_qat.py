@@ -3,7 +3,8 @@
 Workload: transformers ``RTDetrForObjectDetection`` built from a config (no download) with a
 ResNet-18-sized backbone (``RTDetrResNetConfig``: depths [2, 2, 2, 2], hidden sizes
 [64, 128, 256, 512], basic blocks), d_model 256, 1 AIFI encoder layer, 6 decoder layers with
-multi-scale deformable cross-attention, 300 queries, 100 denoising queries; batch 2 x 3 x
+multi-scale deformable cross-attention, 300 queries, ``num_denoising=100`` (192 denoising queries for
+this batch of 6 + 4 boxes); batch 2 x 3 x
 640 x 640 (``--quick``: 320 x 320, 3 pairs); one training step = forward with the model's own
 loss (Hungarian matching, denoising), backward, AdamW. The QAT model is ``quantize_model(model,
 bits=4)`` (W4/A4, attention 8-bit: q/k/v/softmax of the self-attention, value / softmax weights
