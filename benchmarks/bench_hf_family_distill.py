@@ -16,7 +16,9 @@ and prints ``+distill / +teacher`` (the distillation's own overhead; target <= 1
 Model and batch: ``build_rt_detr_r18`` of ``benchmarks/bench_hf_family_qat.py``, so that both
 benchmarks time the same model: RT-DETR with a ResNet-18-sized backbone (``RTDetrResNetConfig``
 basic blocks, depths [2, 2, 2, 2], widths [64, 128, 256, 512]), d_model 256, 6 decoder layers,
-300 queries, 100 denoising queries, 640 x 640 px, batch 2 with 6 and 4 objects.
+300 queries, ``num_denoising=100`` (192 denoising queries for these boxes), 640 x 640 px,
+batch 2 with 6 and 4 objects. The 192 denoising queries are in the student's decoder and never
+distilled; the teacher (eval, no labels) has none.
 
 Run (a few minutes)::
 
