@@ -2,7 +2,7 @@
 
 Every DETR-style ``*ForObjectDetection`` class of the installed ``transformers`` is built
 from a config (no download, no timm): hidden size 32, 2 heads, 1 encoder / 3 decoder
-layers, 5 queries, 3 labels, 2 sampling points, a small ResNet / ViT / Swin backbone, on
+layers, 5 queries, 3 labels, 2 sampling points, a small ResNet / HGNetV2 / ViT / Swin backbone, on
 2 x 3 x 64 x 64 images. The settings follow ``detr-family.md`` section 5.
 
 :func:`build_tiny_hf_detr` returns a :class:`TinyHFDetr` holding the model, the keyword
@@ -38,7 +38,8 @@ class TinyHFDetr:
             grounding models.
         labels: one dict per image with ``class_labels`` (n,) int64 and ``boxes`` (n, 4)
             normalised cxcywh, for ``model(**inputs, labels=labels)``; None where the
-            transformers model cannot compute its loss (OmDet-Turbo).
+            transformers model cannot compute its loss (OmDet-Turbo takes no labels; the
+            PP-DocLayout V2 / V3 / V4 detectors raise "does not support training").
 
     Examples:
         >>> tiny = build_tiny_hf_detr("detr")
@@ -93,6 +94,23 @@ def _rt_resnet():
     )
 
 
+def _hgnet(out_features: list[str]):
+    from transformers import HGNetV2Config
+
+    return HGNetV2Config(
+        embedding_size=16,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[16, 16, 32, 32],
+        stem_channels=[3, 8, 8],
+        stage_in_channels=[8, 16, 16, 32],
+        stage_mid_channels=[8, 8, 16, 16],
+        stage_out_channels=[16, 16, 32, 32],
+        stage_num_blocks=[1, 1, 1, 1],
+        stage_numb_of_layers=[1, 1, 1, 1],
+        out_features=out_features,
+    )
+
+
 def _detr_common(stages: list[str]) -> dict[str, Any]:
     return dict(
         use_timm_backbone=False,
@@ -141,6 +159,12 @@ def _rt_common() -> dict[str, Any]:
         num_denoising=4,
         num_labels=_NUM_LABELS,
     )
+
+
+def _doclayout_common(stages: list[str]) -> dict[str, Any]:
+    kw = _rt_common()
+    del kw["d_model"]  # PP-DocLayoutV4 names it hidden_size; each caller sets its own
+    return dict(kw, backbone_config=_hgnet(stages), global_pointer_head_size=16)
 
 
 def _lw_common() -> dict[str, Any]:
@@ -215,6 +239,36 @@ def _config(name: str):
         return tf.DFineConfig(**_rt_common())
     if name == "deimv2":
         return tf.Deimv2Config(**_rt_common())
+    if name == "pp_doclayout_v2":
+        from transformers.models.pp_doclayout_v2.configuration_pp_doclayout_v2 import PPDocLayoutV2ReadingOrderConfig
+
+        reading_order = PPDocLayoutV2ReadingOrderConfig(
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            coordinate_size=8,
+            shape_size=8,
+            num_classes=_NUM_LABELS,
+            global_pointer_head_size=16,
+        )
+        return tf.PPDocLayoutV2Config(
+            **_doclayout_common(["stage2", "stage3", "stage4"]),
+            d_model=32,
+            reading_order_config=reading_order,
+            class_thresholds=[0.5] * _NUM_LABELS,
+            class_order=list(range(_NUM_LABELS)),
+        )
+    if name == "pp_doclayout_v3":  # stage1 feeds the mask branch
+        return tf.PPDocLayoutV3Config(
+            **_doclayout_common(["stage1", "stage2", "stage3", "stage4"]),
+            d_model=32,
+            mask_feature_channels=[16, 16],
+            x4_feat_dim=16,
+            num_prototypes=8,
+        )
+    if name == "pp_doclayout_v4":
+        return tf.PPDocLayoutV4Config(**_doclayout_common(["stage2", "stage3", "stage4"]), hidden_size=32)
     if name == "lw_detr":
         backbone = tf.LwDetrViTConfig(
             hidden_size=16,
@@ -344,6 +398,9 @@ _CLASSES: dict[str, str] = {
     "rt_detr_v2": "RTDetrV2ForObjectDetection",
     "d_fine": "DFineForObjectDetection",
     "deimv2": "Deimv2ForObjectDetection",
+    "pp_doclayout_v2": "PPDocLayoutV2ForObjectDetection",
+    "pp_doclayout_v3": "PPDocLayoutV3ForObjectDetection",
+    "pp_doclayout_v4": "PPDocLayoutV4ForObjectDetection",
     "lw_detr": "LwDetrForObjectDetection",
     "rf_detr": "RfDetrForObjectDetection",
     "grounding_dino": "GroundingDinoForObjectDetection",
@@ -356,8 +413,13 @@ _CLASSES: dict[str, str] = {
 #: two-stage with box refinement).
 TINY_HF_DETR_NAMES: tuple[str, ...] = tuple(_CLASSES)
 
-_NO_PIXEL_MASK = frozenset({"rt_detr", "rt_detr_v2", "d_fine", "deimv2", "lw_detr", "rf_detr", "omdet_turbo", "yolos"})
-_CANNOT_TRAIN = frozenset({"omdet_turbo"})
+_DOCLAYOUT = ("pp_doclayout_v2", "pp_doclayout_v3", "pp_doclayout_v4")
+_NO_PIXEL_MASK = frozenset(
+    {"rt_detr", "rt_detr_v2", "d_fine", "deimv2", "lw_detr", "rf_detr", "omdet_turbo", "yolos", *_DOCLAYOUT}
+)
+# transformers computes no loss for these: OmDet-Turbo takes no labels and the PP-DocLayout
+# detectors raise "does not support training" when given labels.
+_CANNOT_TRAIN = frozenset({"omdet_turbo", *_DOCLAYOUT})
 _EXTRA_INPUTS: dict[str, Callable[[torch.Generator], dict[str, torch.Tensor]]] = {
     "grounding_dino": _text_inputs,
     "mm_grounding_dino": _text_inputs,
