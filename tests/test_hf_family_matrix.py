@@ -51,7 +51,7 @@ def test_page_lists_every_family_class_of_the_installed_transformers():
     text = DOC.read_text(encoding="utf-8")
     assert matrix.COMMAND in text
     passing = len(TINY_HF_DETR_NAMES) - len(EXPECTED_NOT_PASSING)
-    assert f"**{passing} of {len(COMMITTED)} classes pass.**" in text
+    assert f"**{passing} of {len(COMMITTED)} rows pass.**" in text
 
 
 @pytest.mark.parametrize("name", TINY_HF_DETR_NAMES)

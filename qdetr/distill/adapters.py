@@ -295,6 +295,14 @@ def _output_projection(name: str, attention: nn.Module) -> nn.Module | None:
     )
 
 
+def _quads_to_boxes(quads: torch.Tensor) -> torch.Tensor:
+    """PP-DocLayoutV4 quads ``[cx, cy, dx1 + 0.5, dy1 + 0.5, ..., dx4 + 0.5, dy4 + 0.5]`` (B, Q, 10)
+    -> their enclosing boxes (B, Q, 4) normalised cxcywh (its image processor's decoding)."""
+    corners = quads[..., None, :2] + quads[..., 2:].reshape(*quads.shape[:-1], 4, 2) - 0.5  # (B, Q, 4, 2)
+    low, high = corners.amin(dim=-2), corners.amax(dim=-2)
+    return torch.cat([(low + high) / 2, high - low], dim=-1)
+
+
 def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -460,7 +468,8 @@ class CoAttentionCapture:
         Returns:
             A new dict with the model's fields and ``self.key`` -> (L_dec, B, Q, d) features
             (OmDet-Turbo's ``decoder_coord_logits`` / ``decoder_class_logits`` are also
-            given as ``pred_boxes`` / ``logits``).
+            given as ``pred_boxes`` / ``logits``; PP-DocLayoutV4's quadrilaterals (B, Q, 10) become
+            their enclosing boxes in ``pred_boxes``, the quads stay in ``pred_quads``).
             ``self.key``, ``pred_boxes`` (B, Q, 4), ``logits`` (B, Q, C) and
             ``last_hidden_state`` (B, Q, d) hold the matching queries only (see
             :meth:`query_slice`); other fields (losses, auxiliary and encoder outputs) are
@@ -478,11 +487,15 @@ class CoAttentionCapture:
                 f"cannot read a {type(model_outputs).__name__}; pass the model output dict or ModelOutput "
                 "(call the model with return_dict=True)"
             )
+        boxes = merged.get("pred_boxes")
+        if isinstance(boxes, torch.Tensor) and boxes.dim() == 3 and boxes.shape[-1] == 10:
+            merged["pred_quads"] = boxes
+            merged["pred_boxes"] = _quads_to_boxes(boxes)
         features = self.features
         queries = self.query_slice(model_outputs)
         num_all = features.shape[2]
         if queries != slice(0, num_all):
-            for key in ("pred_boxes", "logits", "last_hidden_state"):
+            for key in ("pred_boxes", "pred_quads", "logits", "last_hidden_state"):
                 value = merged.get(key)
                 if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[1] == num_all:
                     merged[key] = value[:, queries]

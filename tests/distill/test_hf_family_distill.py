@@ -276,3 +276,19 @@ def test_dab_detr_alignment_is_applied_once_whether_inserted_before_or_after_qua
     calls_after, boxes_after = aligned_then_quantized("quantize first")
     assert len(calls_first) == len(calls_after) == NUM_LAYERS  # once per layer, not twice
     torch.testing.assert_close(boxes_first, boxes_after)
+
+
+def test_quadrilateral_predictions_are_matched_by_their_enclosing_boxes():
+    import transformers
+
+    tiny = build_tiny_hf_detr("pp_doclayout_v4")
+    model = tiny.model.eval()
+    with torch.no_grad(), capture_co_attention(model) as capture:
+        out = tiny.forward()
+    merged = capture.outputs(out)
+    assert out.pred_boxes.shape == (BATCH, NUM_QUERIES, 10)
+    # Independent decoding: the model's own image processor turns quads into corners.
+    corners = transformers.PPDocLayoutV4ImageProcessor()._quad_to_corners(out.pred_boxes)  # (B, Q, 4, 2)
+    low, high = corners.amin(dim=-2), corners.amax(dim=-2)
+    torch.testing.assert_close(merged["pred_boxes"], torch.cat([(low + high) / 2, high - low], dim=-1))
+    assert merged["pred_quads"] is out.pred_boxes
