@@ -522,6 +522,178 @@ print("\\nmodel card:\\n" + "\\n".join((OUT / f"w{BITS[0]}" / "README.md").read_
 ]
 
 
+NOTEBOOKS["05_rt_detr_family.ipynb"] = [
+    ("md", """# 5. Any DETR: a 4-bit RT-DETR trained with Q-DETR distillation
+
+The recipe of notebooks 2 and 3 on a Hugging Face `RTDetrForObjectDetection`, a DETR with a hybrid CNN
+encoder and a **deformable** decoder cross-attention. The same calls work for every DETR-family class of
+transformers (see the *Hugging Face DETR family coverage* page of the docs). What this model adds, and how
+`qdetr` handles it:
+
+* **deformable cross-attention**: `quantize_model` quantizes its value / offset / weight / output
+  projections and its 8-bit data path; the co-attended feature that is distilled is the sampled values
+  weighted by the attention weights, i.e. the input of `output_proj`;
+* **denoising queries** in training: `capture.outputs(...)` drops them, only the matching queries are
+  distilled;
+* **two-stage query selection**: student and teacher pick different top-k proposals, so
+  foreground-aware query matching pairs them by their boxes;
+* **distribution alignment** goes into the decoder *self*-attention query (deformable attention has no
+  query-key product).
+
+The model is built from a tiny `RTDetrConfig` with random weights, so nothing is downloaded. With network
+access, start from a published checkpoint instead, e.g.
+`RTDetrForObjectDetection.from_pretrained("PekingU/rtdetr_r18vd", num_labels=..., ignore_mismatched_sizes=True)`
+(fine-tune the float model on your classes first; it is then the teacher and the start of the student)."""),
+    ("code", """import copy
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
+
+import qdetr
+from qdetr.data import (
+    CocoDetectionDataset,
+    SyntheticShapesConfig,
+    TransformConfig,
+    collate_detection,
+    make_eval_transforms,
+    make_synthetic_coco,
+    make_train_transforms,
+)
+from qdetr.distill import DistillationLoss, FrozenTeacher, capture_co_attention, insert_distribution_alignment
+from qdetr.engine import evaluate_coco
+from qdetr.models import post_process_object_detection
+
+OUT = Path("outputs/05_rt_detr_family")
+IMAGE_SIZE = 64
+TRAIN_IMAGES, VAL_IMAGES = 64, 16
+FLOAT_EPOCHS = 6
+QAT_EPOCHS = 2
+BITS = 4
+_ = torch.manual_seed(0)"""),
+    ("md", """## Data (the embedded synthetic shapes)"""),
+    ("code", """shapes = SyntheticShapesConfig(image_size=IMAGE_SIZE, max_objects=1, min_size_frac=0.35, max_size_frac=0.6,
+                               num_classes_used=2)
+train_ann = make_synthetic_coco(OUT / "data" / "train", TRAIN_IMAGES, config=shapes, seed=0)
+val_ann = make_synthetic_coco(OUT / "data" / "val", VAL_IMAGES, config=shapes, seed=0, first_index=TRAIN_IMAGES)
+sizes = TransformConfig(train_scales=(IMAGE_SIZE,), eval_size=IMAGE_SIZE, max_size=None, random_crop=False)
+train_set = CocoDetectionDataset(OUT / "data" / "train" / "images", train_ann, make_train_transforms(sizes))
+val_set = CocoDetectionDataset(OUT / "data" / "val" / "images", val_ann, make_eval_transforms(sizes))
+train_loader = DataLoader(train_set, batch_size=8, shuffle=True, collate_fn=collate_detection,
+                          generator=torch.Generator().manual_seed(0))
+val_loader = DataLoader(val_set, batch_size=1, collate_fn=collate_detection)
+calibration_batch = next(iter(train_loader))
+
+
+def hf_labels(targets):
+    \"\"\"qdetr targets -> Hugging Face labels (class ids and normalised cxcywh boxes).\"\"\"
+    return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]"""),
+    ("md", """## A small `RTDetrForObjectDetection`
+
+A ResNet backbone with three output stages feeds the hybrid encoder; the decoder has 3 layers, 5 queries
+and 4 denoising queries per group (these are the settings of `qdetr.tiny_hf_detr.build_tiny_hf_detr("rt_detr")`).
+RT-DETR scores classes with sigmoids: there is no "no object" column."""),
+    ("code", """config = RTDetrConfig(
+    backbone_config=RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 16, 32, 32], depths=[1, 1, 1, 1],
+                                       layer_type="basic", out_features=["stage2", "stage3", "stage4"]),
+    use_timm_backbone=False, use_pretrained_backbone=False,
+    d_model=32, encoder_hidden_dim=32, encoder_in_channels=[16, 32, 32], feat_strides=[8, 16, 32],
+    encoder_layers=1, encoder_ffn_dim=32, encoder_attention_heads=2, decoder_in_channels=[32, 32, 32],
+    num_feature_levels=3, decoder_layers=3, decoder_ffn_dim=32, decoder_attention_heads=2, decoder_n_points=2,
+    num_queries=5, num_denoising=4, num_labels=train_set.num_classes,
+)
+float_model = RTDetrForObjectDetection(config)
+
+
+def train_one_epoch(model, optimizer, loader, *, teacher=None, distill=None):
+    model.train()
+    for batch in loader:
+        labels = hf_labels(batch.targets)
+        if distill is None:
+            out = model(pixel_values=batch.pixel_values, labels=labels)
+            loss, drd = out.loss, None
+        else:
+            with capture_co_attention(model) as capture:  # co_attn_features (L, B, Q, d), denoising dropped
+                out = model(pixel_values=batch.pixel_values, labels=labels)
+            teacher_out = teacher(pixel_values=batch.pixel_values)  # eval, no labels: no denoising queries
+            drd = distill(capture.outputs(out), teacher_out, labels)["loss_drd"]
+            loss = out.loss + drd
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+    return {"loss": round(loss.item(), 3), **({"loss_drd": round(drd.item(), 3)} if drd is not None else {})}
+
+
+def hf_postprocess(outputs, threshold, target_sizes):
+    \"\"\"Hugging Face outputs -> per-image scores, labels, absolute xyxy boxes (sigmoid head).\"\"\"
+    return post_process_object_detection({"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes},
+                                         threshold=threshold, target_sizes=target_sizes,
+                                         classification="sigmoid")
+
+
+def box_ap(model):
+    result = evaluate_coco(model, val_loader, val_set.coco, postprocess=hf_postprocess)
+    return {"AP": result.ap, "AP50": result.ap50}
+
+
+optimizer = torch.optim.AdamW(float_model.parameters(), lr=2e-3, weight_decay=1e-4)
+for epoch in range(FLOAT_EPOCHS):
+    logs = train_one_epoch(float_model, optimizer, train_loader)
+print("float, last epoch:", logs)
+results = {"float": box_ap(float_model)}
+print("float:", results["float"])"""),
+    ("md", """## Quantize, align, calibrate
+
+`quantize_model` reaches the convolutional hybrid encoder, its softmax self-attention (AIFI), the decoder
+self-attention and the deformable cross-attention; prediction heads and the coordinate paths stay in
+float (the summary says why). Distribution alignment goes into the decoder self-attention query."""),
+    ("code", """def quantized_copy(model):
+    student = copy.deepcopy(model)
+    qdetr.quantize_model(student, bits=BITS)
+    print("distribution alignment in:", insert_distribution_alignment(student, where="self"))
+    student.eval()
+    qdetr.calibrate(student, [calibration_batch], forward_fn=lambda m, b: m(pixel_values=b.pixel_values))
+    return student
+
+
+student = quantized_copy(float_model)
+summary = qdetr.quant_summary(student)
+print("coverage (quantized, total):", summary.coverage)
+print("deformable cross-attention:", [row.name for row in summary.layers if row.name.endswith("encoder_attn")])
+print("kept in float:", sorted({status for status in summary.float_layers.values()}))
+results[f"{BITS}-bit, calibrated only"] = box_ap(student)
+print(results[f"{BITS}-bit, calibrated only"])"""),
+    ("md", """## What the capture sees in training
+
+In training RT-DETR prepends denoising queries to the decoder. The capture records every query; its
+`outputs` keep the matching ones, the same queries the eval-mode teacher has."""),
+    ("code", """teacher = FrozenTeacher(float_model)
+batch = calibration_batch
+student.train()
+with capture_co_attention(student) as capture:
+    out = student(pixel_values=batch.pixel_values, labels=hf_labels(batch.targets))
+print("dn_num_split (denoising, matching):", out.denoising_meta_values["dn_num_split"])
+print("captured (L, B, Q_all, d):", tuple(capture.features.shape))
+print("distilled (L, B, Q, d):   ", tuple(capture.outputs(out)["co_attn_features"].shape))
+print("teacher (L, B, Q, d):     ", tuple(teacher(pixel_values=batch.pixel_values)["co_attn_features"].shape))"""),
+    ("md", """## Distill from the frozen float model"""),
+    ("code", """distill = DistillationLoss(tau=0.5, weight=1.0)
+optimizer = torch.optim.AdamW(student.parameters(), lr=2e-4, weight_decay=1e-4)
+for epoch in range(QAT_EPOCHS):
+    logs = train_one_epoch(student, optimizer, train_loader, teacher=teacher, distill=distill)
+print("Q-DETR, last epoch:", logs)
+results[f"{BITS}-bit Q-DETR (DA + distillation)"] = box_ap(student)
+
+print(f"\\n{'model':<40} {'AP':>6} {'AP50':>6}")
+for name, ap in results.items():
+    print(f"{name:<40} {100 * ap['AP']:6.1f} {100 * ap['AP50']:6.1f}")
+(OUT / "results.json").write_text(json.dumps(results, indent=2))
+print(f"saved {OUT / 'results.json'}")"""),
+]
+
 def build(name: str) -> nbformat.NotebookNode:
     """The notebook ``name`` from its cell list (no outputs, no execution counts)."""
     cells = []

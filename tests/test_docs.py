@@ -27,6 +27,7 @@ EXECUTED_PAGES = [
     "getting-started.md",
     "concepts/lsq.md",
     "concepts/profiles.md",
+    "concepts/detr-family.md",
     "concepts/calibration.md",
     "concepts/distillation-overview.md",
     "how-to/quantize-your-detector.md",

@@ -23,7 +23,13 @@ kernelspec = pytest.importorskip("jupyter_client.kernelspec")
 manager = pytest.importorskip("jupyter_client.manager")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-NOTEBOOKS = ["01_inference.ipynb", "02_quantize_and_distill.ipynb", "03_huggingface_detr.ipynb", "04_export_and_size.ipynb"]
+NOTEBOOKS = [
+    "01_inference.ipynb",
+    "02_quantize_and_distill.ipynb",
+    "03_huggingface_detr.ipynb",
+    "04_export_and_size.ipynb",
+    "05_rt_detr_family.ipynb",
+]
 CELL_TIMEOUT_S = 240
 
 
@@ -149,6 +155,21 @@ def test_03_huggingface_detr(tmp_path, monkeypatch):
     assert "'attention': (5, 5)" in text
     assert "loss_drd" in text
     assert seconds < 90
+
+
+def test_05_rt_detr_family(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    nb, workdir, seconds = _run("05_rt_detr_family.ipynb", tmp_path, monkeypatch)
+    text = _stdout(nb)
+    results = json.loads((workdir / "outputs" / "05_rt_detr_family" / "results.json").read_text())
+    _check_ap_table(results, ["float", "4-bit, calibrated only", "4-bit Q-DETR (DA + distillation)"])
+    assert "distribution alignment in: ['model.decoder.layers.0.self_attn'" in text
+    assert "deformable cross-attention: ['model.decoder.layers.0.encoder_attn'" in text
+    assert "captured (L, B, Q_all, d): (3, 8, 13, 32)" in text  # 8 denoising + 5 matching queries
+    assert "distilled (L, B, Q, d):    (3, 8, 5, 32)" in text
+    assert "teacher (L, B, Q, d):      (3, 8, 5, 32)" in text
+    assert "loss_drd" in text
+    assert seconds < 120
 
 
 @pytest.mark.slow

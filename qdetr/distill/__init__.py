@@ -1,6 +1,6 @@
 """Q-DETR distillation: distribution alignment, foreground-aware query matching and the DRD loss.
 
-See ``docs/distillation.md`` for a training-step example (qdetr DETR/SMCA and Hugging Face DETR).
+See ``docs/distillation.md`` for a training-step example (qdetr DETR/SMCA and the Hugging Face DETR family).
 """
 
 from qdetr.distill.adapters import (

@@ -8,10 +8,27 @@ and re-scaled by a learnable affine shared by all heads:
 ``unbiased=True`` uses the unbiased variance (factor d_h / (d_h - 1)) as the released
 checkpoints do; the default is the biased estimator.
 
-:func:`insert_distribution_alignment` places one module into the ``q_align`` slot of a
-model's decoder attention (:class:`qdetr.layers.MultiheadAttention` or any attention module
-with a ``q_align`` slot): ``where="cross"`` is the paper's co-attention query (paper profile),
-``where="self"`` the decoder self-attention query (released checkpoints, seed profile).
+:func:`insert_distribution_alignment` is the one placement function for every DETR. It puts a
+module into the ``q_align`` slot of a model's decoder attention (:class:`qdetr.layers.MultiheadAttention`,
+and the Hugging Face softmax attentions once :func:`qdetr.quant.quantize_model` gave them the
+slot): ``where="cross"`` is the paper's co-attention query (paper profile), ``where="self"`` the
+decoder self-attention query (released checkpoints, seed profile).
+
+Hugging Face DETR-family decoders:
+
+* softmax attention quantized by :func:`qdetr.quant.quantize_model` (through the attention
+  interface: DETR, Conditional DETR, Deformable DETR, RT-DETR / RT-DETRv2, D-FINE, DEIMv2,
+  LW-DETR, RF-DETR; inline: Table Transformer, DAB-DETR, Grounding DINO, OmDet-Turbo): the
+  ``q_align`` slot of the quantized forward, applied to the unscaled per-head query (B, h, L, d_h);
+* a float DAB-DETR's ``DabDetrAttention``, whose query arrives already projected as
+  ``hidden_states`` (B, L, h * d_h): it has no slot, so the module is registered as its
+  ``q_align`` and a forward pre-hook (``with_kwargs``) applies it per head before the attention
+  scales the query (quantizing the model afterwards keeps the module and drops the hook's work,
+  as the quantized forward applies the slot itself).
+  The hook is not saved with the ``state_dict``: call this function on a fresh model before
+  loading a checkpoint that holds ``q_align`` parameters;
+* deformable cross-attention computes no query-key product, so ``where="cross"`` does not apply
+  to it: distribution alignment goes into these models' decoder self-attention (``where="self"``).
 :data:`ALIGNMENT_BY_PROFILE` is the one definition of the slot (and variance estimator) of
 each bit profile; the model builder (:func:`qdetr.models.build_qdetr_smca`), the trainer and
 the loaders all place DA through this module (``profile=`` or the recorded
@@ -39,8 +56,8 @@ __all__ = [
 ALIGNMENT_BY_PROFILE: dict[str, tuple[str, bool]] = {"paper": ("cross", False), "seed": ("self", True)}
 
 _ATTENTION_NAMES = {
-    # decoder cross-attention: facebookresearch/detr and qdetr / Hugging Face
-    "cross": ("multihead_attn", "encoder_attn"),
+    # decoder cross-attention: facebookresearch/detr and qdetr / Hugging Face (DAB-DETR: cross_attn)
+    "cross": ("multihead_attn", "encoder_attn", "cross_attn"),
     # decoder self-attention
     "self": ("self_attn",),
 }
@@ -87,9 +104,10 @@ class DistributionAlignment(nn.Module):
 
 
 def _head_dim(attention: nn.Module) -> int:
-    head_dim = getattr(attention, "head_dim", None)
-    if isinstance(head_dim, int):
-        return head_dim
+    for attr in ("head_dim", "attention_head_dim", "attention_head_size"):
+        head_dim = getattr(attention, attr, None)
+        if isinstance(head_dim, int):
+            return head_dim
     embed_dim, num_heads = getattr(attention, "embed_dim", None), getattr(attention, "num_heads", None)
     if isinstance(embed_dim, int) and isinstance(num_heads, int) and num_heads > 0:
         return embed_dim // num_heads
@@ -101,6 +119,39 @@ def _reference_tensor(attention: nn.Module) -> torch.Tensor | None:
         if tensor.is_floating_point():
             return tensor
     return None
+
+
+def _takes_projected_query(module: nn.Module) -> bool:
+    """DAB-DETR-style attention: q, k, v projected outside, per-head sizes as attributes."""
+    return (
+        isinstance(getattr(module, "attention_heads", None), int)
+        and isinstance(getattr(module, "attention_head_dim", None), int)
+        and isinstance(getattr(module, "output_proj", None), nn.Module)
+        and not hasattr(module, "q_proj")
+    )
+
+
+def _align_projected_query(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: ``module.q_align`` on the per-head query passed as ``hidden_states``.
+
+    Does nothing once the module's class has changed since the hook was registered:
+    :func:`qdetr.quant.quantize_model` swaps in a forward that applies the ``q_align`` slot itself.
+    """
+    if type(module) is not module._q_align_hooked_class:
+        return None
+    if args:
+        hidden_states, args = args[0], args[1:]
+    else:
+        hidden_states = kwargs.pop("hidden_states")
+    bsz, length, width = hidden_states.shape  # (B, L, h * d_h)
+    heads, head_dim = module.attention_heads, module.attention_head_dim
+    q = hidden_states.view(bsz, length, heads, head_dim).transpose(1, 2)  # (B, h, L, d_h)
+    q = module.q_align(q).transpose(1, 2).reshape(bsz, length, width)
+    return (q, *args), kwargs
+
+
+def _is_deformable(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "sampling_offsets", None), nn.Module)
 
 
 def insert_distribution_alignment(
@@ -120,9 +171,10 @@ def insert_distribution_alignment(
 
     Args:
         model: the detector, modified in place.
-        where: ``"cross"`` (decoder ``multihead_attn`` / ``encoder_attn``, the paper's
-            co-attention query) or ``"self"`` (decoder ``self_attn``, the released checkpoints);
-            default: from ``profile``, else ``"cross"``.
+        where: ``"cross"`` (decoder ``multihead_attn`` / ``encoder_attn`` / ``cross_attn``, the
+            paper's co-attention query) or ``"self"`` (decoder ``self_attn``, the released
+            checkpoints; the place for deformable-attention DETRs); default: from ``profile``,
+            else ``"cross"``.
         unbiased: unbiased variance (released checkpoints) instead of the biased one;
             default: from ``profile``, else False.
         eps: variance epsilon.
@@ -134,7 +186,8 @@ def insert_distribution_alignment(
 
     Raises:
         ValueError: for an unknown ``where``, when no matching attention has a ``q_align``
-            slot, or when a slot already holds something other than ``nn.Identity``.
+            slot (the message says why for deformable cross-attention), or when a slot already
+            holds something other than ``nn.Identity``.
 
     Examples:
         >>> import qdetr
@@ -154,6 +207,18 @@ def insert_distribution_alignment(
         'transformer.decoder.layers.0.self_attn'
         >>> seed_model.transformer.decoder.layers[0].self_attn.q_align.unbiased
         True
+
+        Hugging Face DAB-DETR passes its projected query to ``DabDetrAttention``, which gets a
+        pre-hook; RT-DETR's cross-attention is deformable (its decoder self-attention takes DA
+        once :func:`qdetr.quant.quantize_model` gave it the slot):
+
+        >>> from qdetr.tiny_hf_detr import build_tiny_hf_detr
+        >>> insert_distribution_alignment(build_tiny_hf_detr("dab_detr").model, where="self")[0]
+        'model.decoder.layers.0.self_attn.self_attn'
+        >>> insert_distribution_alignment(build_tiny_hf_detr("rt_detr").model, where="cross")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: RTDetrForObjectDetection's decoder cross-attention is deformable: ...use where='self'...
     """
     if profile is not None:
         if profile not in ALIGNMENT_BY_PROFILE:
@@ -166,17 +231,21 @@ def insert_distribution_alignment(
     if where not in _ATTENTION_NAMES:
         raise ValueError(f"where must be 'cross' (paper) or 'self' (released checkpoints), got {where!r}")
     pattern = re.compile(r"(?:^|\.)decoder\.(?:.*\.)?(?:" + "|".join(_ATTENTION_NAMES[where]) + r")$")
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if pattern.search(name) and hasattr(module, "q_align")
-    ]
-    if not targets:
+    matching = [(name, module) for name, module in model.named_modules() if pattern.search(name)]
+    targets = [(name, module) for name, module in matching if hasattr(module, "q_align")]
+    hooked = [(name, module) for name, module in matching if not hasattr(module, "q_align") and _takes_projected_query(module)]
+    if not targets and not hooked:
+        if where == "cross" and any(_is_deformable(module) for _, module in matching):
+            raise ValueError(
+                f"{type(model).__name__}'s decoder cross-attention is deformable: it has no query-key product "
+                "whose query could be aligned; use where='self' (the decoder self-attention query, as in the "
+                "released checkpoints)"
+            )
         names = " / ".join(_ATTENTION_NAMES[where])
         raise ValueError(
             f"{type(model).__name__} has no decoder attention named {names} with a 'q_align' slot; build the "
             "model with qdetr.layers.MultiheadAttention (qdetr models do) or, for Hugging Face models, call "
-            "qdetr.quant.quantize_model first if its attention wrapper provides the slot"
+            "qdetr.quant.quantize_model first, which gives their softmax attention the slot"
         )
     for name, module in targets:
         if not isinstance(module.q_align, nn.Identity):
@@ -184,13 +253,17 @@ def insert_distribution_alignment(
                 f"{name}.q_align already holds {type(module.q_align).__name__}; insert distribution alignment "
                 "once per model (reset the slot to nn.Identity() to replace it)"
             )
-    for name, module in targets:
+    for name, module in targets + hooked:
         align = DistributionAlignment(_head_dim(module), eps=eps, unbiased=unbiased)
         ref = _reference_tensor(module)
         if ref is not None:
             align = align.to(device=ref.device, dtype=ref.dtype)
         module.q_align = align
-    return [name for name, _ in targets]
+    for _, module in hooked:
+        module._q_align_hooked_class = type(module)
+        module.register_forward_pre_hook(_align_projected_query, with_kwargs=True)
+    placed = {name for name, _ in targets + hooked}
+    return [name for name, _ in matching if name in placed]
 
 
 def alignment_slots(model: nn.Module) -> list[dict]:
@@ -234,8 +307,12 @@ def restore_alignment_slots(model: nn.Module, slots: list[dict]) -> list[str]:
             attention = model.get_submodule(slot["module"])
         except AttributeError as err:
             raise ValueError(f"recorded alignment slot {slot['module']!r} is not a module of {type(model).__name__}") from err
-        if not hasattr(attention, "q_align"):
+        hook = not hasattr(attention, "q_align") and _takes_projected_query(attention)
+        if not hasattr(attention, "q_align") and not hook:
             raise ValueError(f"{slot['module']} has no q_align slot for distribution alignment")
         attention.q_align = DistributionAlignment(int(slot["head_dim"]), eps=float(slot["eps"]), unbiased=bool(slot["unbiased"]))
+        if hook:
+            attention._q_align_hooked_class = type(attention)
+            attention.register_forward_pre_hook(_align_projected_query, with_kwargs=True)
         names.append(slot["module"])
     return names

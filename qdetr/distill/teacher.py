@@ -51,8 +51,8 @@ class FrozenTeacher(nn.Module):
         model: the trained float teacher. It is put in eval mode and its parameters get
             ``requires_grad=False`` (in place).
         capture: how the co-attended features are obtained: ``"native"`` (the model returns
-            them, qdetr models), ``"hooks"`` (:func:`capture_co_attention`, Hugging Face DETR /
-            ConditionalDETR) or ``"auto"`` (hooks for ``transformers.PreTrainedModel``, native
+            them, qdetr models), ``"hooks"`` (:func:`capture_co_attention`, Hugging Face DETR-family
+            models) or ``"auto"`` (hooks for ``transformers.PreTrainedModel``, native
             otherwise).
         feature: ``"attn_values"`` or ``"proj_out"``, as in ``DistillationLoss``.
 

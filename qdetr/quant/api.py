@@ -6,9 +6,9 @@ import fnmatch
 
 from torch import nn
 
-from qdetr.layers.attention import MultiheadAttention
-from qdetr.quant.attention import QuantMultiheadAttention, is_hf_attention, quantize_hf_attention
+from qdetr.quant.attention_adapters import find_attention_adapter, looks_like_attention
 from qdetr.quant.config import QuantConfig, check_bits
+from qdetr.quant.rollback import ModelSnapshot
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.policy import (
     FloatReason,
@@ -46,14 +46,6 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (LSQWeightQuantizer, LSQActQuantizer)) for m in model.modules())
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, (nn.MultiheadAttention, MultiheadAttention)) or is_hf_attention(module)
-
-
-def _looks_like_attention(module: nn.Module) -> bool:
-    return "attention" in type(module).__name__.lower() and not _is_attention(module)
-
-
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -87,8 +79,8 @@ class _RuleMatcher:
         if unused:
             sample = ", ".join(names[:8])
             raise ValueError(
-                f"quantization rule(s) {unused} matched no Conv2d/Linear/attention module; "
-                f"check the glob against the module names (e.g. {sample}, ...)"
+                f"quantization rule(s) {unused} matched no module (keep_float) or no Conv2d/Linear/attention "
+                f"module (overrides); check the glob against the module names (e.g. {sample}, ...)"
             )
 
 
@@ -165,69 +157,83 @@ def quantize_model(
 
     rules = _RuleMatcher(config)
     report: dict[str, str] = {}
-    replacements: list[tuple[str, nn.Module]] = []
+    actions: list[tuple[str, nn.Module, object, object]] = []
     considered: list[str] = []
-    attention_prefixes: list[str] = []
+    skipped: list[str] = []  # subtrees handled as a whole (attention) or kept in float on purpose
     stem_found = False
     unreachable: list[str] = []
+    named = list(model.named_modules())
+    handled = {id(m) for _, m in named if find_attention_adapter(m) is not None}
 
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in attention_prefixes):
+    for name, module in named:
+        if not name or any(name.startswith(p + ".") for p in skipped):
             continue
-        if _is_attention(module):
-            attention_prefixes.append(name)
+        adapter = find_attention_adapter(module)
+        is_layer = adapter is not None or type(module) in (nn.Conv2d, nn.Linear)
+        if is_layer:
             considered.append(name)
-            pattern = rules.keep(name)
-            if pattern is not None:
-                report[name] = f"float: keep_float rule {pattern!r}"
-                continue
+        pattern = rules.keep(name)
+        if pattern is not None:
+            # keep_float protects the whole subtree (a deformable attention's projections, a head MLP, ...).
+            skipped.append(name)
+            for sub_name, sub in [(name, module)] + [(f"{name}.{n}", m) for n, m in module.named_modules() if n]:
+                if find_attention_adapter(sub) is not None or isinstance(sub, (nn.Conv2d, nn.Linear)):
+                    report.setdefault(sub_name, f"float: keep_float rule {pattern!r}")
+            continue
+        if adapter is not None:
+            skipped.append(name)
             role = classify_attention(name)
-            spec = plan_attention(role, config, rules.bits(name))
-            if is_hf_attention(module):
-                quantize_hf_attention(module, spec)
-            else:
-                replacements.append((name, QuantMultiheadAttention.from_float(module, spec)))
+            actions.append((name, module, adapter, plan_attention(role, config, rules.bits(name))))
             report[name] = f"quantized ({role})"
-        elif isinstance(module, (nn.Conv2d, nn.Linear)) and type(module) in (nn.Conv2d, nn.Linear):
-            considered.append(name)
+        elif type(module) in (nn.Conv2d, nn.Linear):
             # The stem is the first Conv2d that reads the 3-channel image (it may come after
             # other convs in registration order, e.g. DETR's input_proj).
             is_stem = isinstance(module, nn.Conv2d) and not stem_found and module.in_channels == 3
             stem_found = stem_found or is_stem
-            pattern = rules.keep(name)
-            if pattern is not None:
-                report[name] = f"float: keep_float rule {pattern!r}"
-                continue
             role = classify_linear_or_conv(name, module, is_stem)
             plan = plan_layer(role, config, rules.bits(name))
             if isinstance(plan, FloatReason):
                 report[name] = f"float: {plan}"
                 continue
-            cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-            replacements.append((name, cls.from_float(module, plan)))
+            actions.append((name, module, None, plan))
             report[name] = f"quantized ({role})"
-        elif _looks_like_attention(module) and not any(
-            isinstance(c, (nn.MultiheadAttention, MultiheadAttention)) or is_hf_attention(c) for c in module.modules()
-        ):
-            if rules.keep(name) is None:
-                unreachable.append(f"{name} ({type(module).__name__})")
+        elif looks_like_attention(module) and not any(id(m) in handled for m in module.modules()):
+            unreachable.append(f"{name} ({type(module).__name__})")
 
     if unreachable:
         raise NotImplementedError(
             "quantize_model cannot reach the attention computation of: "
             + ", ".join(unreachable)
-            + ". Supported: nn.MultiheadAttention, qdetr.layers.MultiheadAttention and transformers "
-            "DETR-family attention. Add the names to QuantConfig(keep_float=...) to keep them in float on purpose."
+            + ". Supported: nn.MultiheadAttention, qdetr.layers.MultiheadAttention and the transformers "
+            "DETR-family attention forms listed in qdetr.quant.attention_adapters. Add the names to "
+            "QuantConfig(keep_float=...) to keep them in float on purpose."
         )
     rules.check_all_used(considered)
-    for name, new in replacements:
-        _set_child(model, name, new)
-    # nn.TransformerEncoder may convert inputs to nested tensors for its fused fast path,
-    # which the explicit attention path does not accept.
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder):
-            module.use_nested_tensor = False
-            module.enable_nested_tensor = False
-    setattr(model, REPORT_ATTR, report)
-    setattr(model, CONFIG_ATTR, config)
+
+    # Every check passed: mutate. A failure from here on restores the model exactly.
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    snapshot = ModelSnapshot(model)
+    try:
+        for name, module, adapter, plan in actions:
+            if adapter is not None:
+                new = adapter.quantize(module, plan)
+            else:
+                cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+                new = cls.from_float(module, plan)
+            if new is not module:
+                for path in paths[id(module)]:  # a module registered at several paths stays shared
+                    _set_child(model, path, new)
+        # nn.TransformerEncoder may convert inputs to nested tensors for its fused fast path,
+        # which the explicit attention path does not accept.
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder):
+                module.use_nested_tensor = False
+                module.enable_nested_tensor = False
+        setattr(model, REPORT_ATTR, report)
+        setattr(model, CONFIG_ATTR, config)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model

@@ -20,10 +20,13 @@ function, ``"qdetr_fake_quant"``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from qdetr.layers.attention import AttentionSlots, MultiheadAttention
+from qdetr.layers.recompute import recompute_saved, slot_recipes
 from qdetr.quant.config import AttentionQuantSpec, LayerQuantSpec
 from qdetr.quant.modules import QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
@@ -141,10 +144,21 @@ def _hf_out_proj_name(module: nn.Module) -> str | None:
     return None
 
 
+def _forward_global_names(cls: type) -> tuple[str, ...]:
+    """Global names read by ``cls.forward`` (decorators such as ``deprecate_kwarg`` unwrapped)."""
+    forward = inspect.unwrap(cls.forward)
+    code = getattr(forward, "__code__", None)
+    return code.co_names if code is not None else ()
+
+
 def is_hf_attention(module: nn.Module) -> bool:
-    """True for transformers attention modules that project with child ``nn.Linear`` layers,
-    have an ``o_proj``/``out_proj`` output projection and dispatch through
-    ``ALL_ATTENTION_FUNCTIONS`` (DETR, Conditional DETR, ... in transformers >= 5).
+    """True for transformers attention modules that dispatch through ``ALL_ATTENTION_FUNCTIONS``.
+
+    Recognised by structure: a ``config`` with an ``_attn_implementation``, at least three
+    child ``nn.Linear`` projections (q, k, v; an ``o_proj``/``out_proj`` output projection
+    when the module has one: ViT/BERT/YOLOS keep it in a sibling module), and a ``forward``
+    that reads the global ``ALL_ATTENTION_FUNCTIONS`` (DETR, Conditional DETR, RT-DETR,
+    LW-DETR, BERT, YOLOS, Swin, CLIP, ... in transformers >= 5).
 
     Examples:
         >>> from transformers import DetrConfig
@@ -154,13 +168,15 @@ def is_hf_attention(module: nn.Module) -> bool:
         >>> is_hf_attention(nn.MultiheadAttention(32, 4))
         False
     """
-    if _hf_out_proj_name(module) is None or not hasattr(module, "config") or not hasattr(module, "head_dim"):
+    if not hasattr(getattr(module, "config", None), "_attn_implementation"):
         return False
-    return "attention_interface" in type(module).forward.__code__.co_varnames
+    if sum(isinstance(c, nn.Linear) for c in module.children()) < 3:
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in _forward_global_names(type(module))
 
 
 def _hf_projection_names(module: nn.Module) -> list[str]:
-    """Child Linears feeding q, k or v (``q_proj``, ``k_pos_proj``, ``q_pos_sine_proj``, ...)."""
+    """Child Linears feeding q, k or v (``q_proj``, ``k_pos_proj``, ``q_pos_sine_proj``, ``query``, ...)."""
     out = _hf_out_proj_name(module)
     return [n for n, c in module.named_children() if isinstance(c, nn.Linear) and n != out]
 
@@ -170,7 +186,12 @@ def _hf_num_heads(module: nn.Module) -> int:
         value = getattr(module, attr, None)
         if isinstance(value, int):
             return value
-    return getattr(module, _hf_out_proj_name(module)).in_features // module.head_dim
+    head_dim = getattr(module, "head_dim", getattr(module, "attention_head_size", None))
+    out = _hf_out_proj_name(module)
+    width = getattr(module, out).in_features if out else getattr(module, _hf_projection_names(module)[-1]).out_features
+    if not isinstance(head_dim, int):
+        raise NotImplementedError(f"cannot tell the number of heads of {type(module).__name__}")
+    return width // head_dim
 
 
 def _fake_quant_attention_function(
@@ -195,24 +216,32 @@ def _fake_quant_attention_function(
     identity = nn.Identity()
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    q = getattr(module, "q_align", identity)(query)
-    q = getattr(module, "q_quantizer", identity)(q)
-    k = getattr(module, "k_quantizer", identity)(key)
-    v = getattr(module, "v_quantizer", identity)(value)
-    logits = torch.matmul(q, k.transpose(2, 3)) * scaling
+    q_aligned = getattr(module, "q_align", identity)(query)
+    q_slot, k_slot, v_slot = (getattr(module, n, identity) for n in ("q_quantizer", "k_quantizer", "v_quantizer"))
+    q, k, v = q_slot(q_aligned), k_slot(key), v_slot(value)
+    # Quantized q/k/v/probabilities are recomputed in backward rather than saved (qdetr.layers.recompute).
+    with recompute_saved(slot_recipes((q, q_slot, q_aligned), (k, k_slot, key))):
+        logits = torch.matmul(q, k.transpose(2, 3)) * scaling
     if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:  # True = attend
+            attention_mask = torch.zeros_like(attention_mask, dtype=logits.dtype).masked_fill_(~attention_mask, -torch.inf)
         logits = logits + attention_mask
     probs = torch.softmax(logits, dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    probs = getattr(module, "prob_quantizer", identity)(probs)
-    out = torch.matmul(probs, v).transpose(1, 2).contiguous()
-    return out, probs
+    p_slot = getattr(module, "prob_quantizer", identity)
+    p_hat = p_slot(probs)
+    with recompute_saved(slot_recipes((p_hat, p_slot, probs), (v, v_slot, value))):
+        out = torch.matmul(p_hat, v).transpose(1, 2).contiguous()
+    return out, p_hat
 
 
 def _register_hf_attention_function() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(HF_ATTENTION_IMPLEMENTATION, _fake_quant_attention_function)
+    # Without a registered mask function transformers drops padding masks for custom implementations.
+    AttentionMaskInterface.register(HF_ATTENTION_IMPLEMENTATION, eager_mask)
 
 
 def quantize_hf_attention(module: nn.Module, spec: AttentionQuantSpec) -> nn.Module:
@@ -253,12 +282,13 @@ def quantize_hf_attention(module: nn.Module, spec: AttentionQuantSpec) -> nn.Mod
     out_name = _hf_out_proj_name(module)
     for name in _hf_projection_names(module):
         _quantize_linear_child(module, name, spec.proj_weight_bits, spec.proj_input_bits, spec)
-    _quantize_linear_child(module, out_name, spec.out_weight_bits, spec.out_input_bits, spec)
+    if out_name is not None:
+        _quantize_linear_child(module, out_name, spec.out_weight_bits, spec.out_input_bits, spec)
     num_heads = _hf_num_heads(module)
     if not hasattr(module, "q_align"):
         module.q_align = nn.Identity()
     if spec.attn_bits is not None:
         _head_quantizers(module, spec.attn_bits, num_heads, spec)
-        module.to(device=getattr(module, out_name).weight.device)
+        module.to(device=next(module.parameters()).device)
     module.config._attn_implementation = HF_ATTENTION_IMPLEMENTATION
     return module

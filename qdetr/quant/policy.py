@@ -22,7 +22,34 @@ other Linear                  Wb / Ab                Wb / Ab
 
 Roles are decided from module types and qualified names (``downsample``, ``input_proj``,
 ``class_embed``, ``multihead_attn``/``encoder_attn``, ...), which covers qdetr models,
-facebookresearch/detr-style models, torchvision ResNets and Hugging Face DETR.
+facebookresearch/detr-style models, torchvision ResNets and the Hugging Face DETR family.
+
+Hugging Face DETR-family layers beyond the classic DETR (see docs/concepts/detr-family.md):
+
+* **deformable attention** (``value_proj``, ``sampling_offsets``, ``attention_weights``,
+  ``output_proj`` of a multi-scale deformable attention) is planned like any attention
+  module with :func:`plan_attention`: the three input projections take the projection
+  bits, ``output_proj`` the output bits, and the per-head value / softmax weights /
+  sampled values take the attention bits. The offsets themselves, reference points and
+  sampling locations stay float (coordinates; see :mod:`qdetr.quant.deformable_attention`).
+* **proposal heads** (role ``head``, float): the two-stage / query-selection scorer
+  ``enc_output``, ``enc_score_head``, ``enc_bbox_head`` (RT-DETR family, Deformable DETR),
+  ``enc_out_class_embed`` / ``enc_out_bbox_embed`` (LW-/RF-DETR),
+  ``encoder_output_bbox_embed`` (Grounding DINO), OmDet-Turbo's ``encoder_*_head`` /
+  ``decoder_*_head``, D-FINE's ``pre_bbox_head`` and box-quality ``lqe_layers``. They are
+  prediction heads like ``class_embed`` / ``bbox_embed`` (float in the paper); the top-k
+  query selection they drive is discrete, so a quantization error flips whole proposals;
+  and in RT-DETR / D-FINE the ``enc_bbox_head`` output is added to anchors that hold
+  ``torch.finfo(dtype).max`` for invalid positions, where no quantizer may sit.
+* **query-position heads** (role ``query_position``, float): MLPs between boxes /
+  reference points and positional queries: ``query_pos_head`` (RT-DETR family),
+  ``ref_point_head`` / ``query_scale`` (Conditional DETR, DAB-DETR, LW-/RF-DETR),
+  ``ref_anchor_head`` (DAB-DETR), ``reference_points_head`` (Grounding DINO),
+  ``query_position_head`` (OmDet-Turbo), Deformable DETR's ``reference_points`` and
+  ``pos_trans``. Their inputs or outputs are coordinates, which stay float in every
+  profile, like ``query_embed``.
+* everything else (text projections, gates, backbone and text-encoder Linears) is a
+  generic ``linear`` at the layer's bits.
 """
 
 from __future__ import annotations
@@ -50,11 +77,40 @@ HEAD_NAMES = frozenset(
         "point2",
         "point3",
         "box_predictor",  # torchvision two-stage detectors (cls_score / bbox_pred)
+        # Hugging Face DETR family: proposal scorers and auxiliary box heads
+        "enc_output",
+        "enc_score_head",
+        "enc_bbox_head",
+        "enc_out_class_embed",
+        "enc_out_bbox_embed",
+        "encoder_output_bbox_embed",
+        "encoder_output_class_embed",
+        "encoder_class_head",
+        "encoder_bbox_head",
+        "decoder_class_head",
+        "decoder_bbox_head",
+        "pre_bbox_head",
+        "lqe_layers",
+    }
+)
+#: Name parts of MLPs between coordinates and positional queries (float in every profile).
+QUERY_POSITION_NAMES = frozenset(
+    {
+        "query_pos_head",
+        "ref_point_head",
+        "ref_anchor_head",
+        "query_scale",
+        "reference_points_head",
+        "query_position_head",
+        "reference_points",
+        "pos_trans",
     }
 )
 INPUT_PROJ_NAMES = frozenset({"input_proj", "input_projection"})
 DOWNSAMPLE_NAMES = frozenset({"downsample", "shortcut"})
-CROSS_ATTENTION_NAMES = frozenset({"multihead_attn", "encoder_attn", "cross_attn", "cross_attention"})
+CROSS_ATTENTION_NAMES = frozenset(
+    {"multihead_attn", "encoder_attn", "cross_attn", "cross_attention", "encoder_attn_text", "fusion_layer"}
+)
 FFN_IN_NAMES = frozenset({"linear1", "fc1"})
 FFN_OUT_NAMES = frozenset({"linear2", "fc2"})
 
@@ -78,8 +134,8 @@ class FloatReason:
 
 
 def classify_linear_or_conv(name: str, module: nn.Module, is_stem: bool) -> Role:
-    """Role of a Conv2d/Linear: ``stem``, ``downsample``, ``input_proj``, ``head``, ``ffn_in``,
-    ``ffn_out``, ``conv`` or ``linear``.
+    """Role of a Conv2d/Linear: ``stem``, ``downsample``, ``input_proj``, ``head``,
+    ``query_position``, ``ffn_in``, ``ffn_out``, ``conv`` or ``linear``.
 
     Args:
         name: qualified module name, e.g. ``"transformer.decoder.layers.0.linear2"``.
@@ -93,11 +149,15 @@ def classify_linear_or_conv(name: str, module: nn.Module, is_stem: bool) -> Role
         'downsample'
         >>> classify_linear_or_conv("class_embed", nn.Linear(8, 4), False)
         'head'
+        >>> classify_linear_or_conv("model.decoder.query_pos_head.layers.0", nn.Linear(4, 8), False)
+        'query_position'
     """
     parts = set(name.split("."))
     leaf = name.rsplit(".", 1)[-1]
     if parts & HEAD_NAMES:
         return "head"
+    if parts & QUERY_POSITION_NAMES:
+        return "query_position"
     if parts & INPUT_PROJ_NAMES:
         return "input_proj"
     if isinstance(module, nn.Conv2d):
@@ -148,6 +208,8 @@ def plan_layer(role: Role, config: QuantConfig, bits_override: int | None = None
     common = {"weight": config.weight, "activation": config.activation}
     if role == "head":
         return FloatReason("prediction head / query / SMCA point predictor (float in every profile)")
+    if role == "query_position":
+        return FloatReason("query-position head on coordinates (float in every profile)")
     if role == "input_proj":
         return FloatReason("input_proj (float in every profile)")
     if role == "downsample" and not config.quantize_downsample:

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from qdetr.layers.attention import MultiheadAttention
 from qdetr.quant.api import REPORT_ATTR
-from qdetr.quant.attention import QuantMultiheadAttention, _hf_projection_names, is_hf_attention
+from qdetr.quant.attention import QuantMultiheadAttention
+from qdetr.quant.attention_adapters import find_attention_adapter
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
 
@@ -119,23 +119,21 @@ def quant_summary(model: nn.Module) -> QuantSummary:
     for name, m in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside_attention):
             continue
-        if isinstance(m, (nn.MultiheadAttention, MultiheadAttention)) or is_hf_attention(m):
+        adapter = find_attention_adapter(m)
+        if adapter is not None:
             inside_attention.append(name)
+            inputs, outputs, host = adapter.layers(m)
             if isinstance(m, QuantMultiheadAttention):
                 w, a = _bits(m.in_proj_weight_quantizer), _bits(m.q_input_quantizer)
-                out = m.out_proj
-            elif is_hf_attention(m):
-                first = getattr(m, _hf_projection_names(m)[0])
-                w = _bits(getattr(first, "weight_quantizer", None))
-                a = _bits(getattr(first, "input_quantizer", None))
-                out = getattr(m, "o_proj", None) or getattr(m, "out_proj", None)
+            elif inputs and not isinstance(m, nn.MultiheadAttention):
+                w = _bits(getattr(inputs[0], "weight_quantizer", None))
+                a = _bits(getattr(inputs[0], "input_quantizer", None))
             else:
                 w = a = "fp"
-                out = None
-            if out is not None and isinstance(out, QuantLinear):
-                w += f"/out {_bits(out.weight_quantizer)}"
-                a += f"/out {_bits(out.input_quantizer)}"
-            attn = _bits(getattr(m, "q_quantizer", None))
+            if outputs and isinstance(outputs[0], QuantLinear):
+                w += f"/out {_bits(outputs[0].weight_quantizer)}"
+                a += f"/out {_bits(outputs[0].input_quantizer)}"
+            attn = _bits(getattr(host, "prob_quantizer", None)) if host is not None else "fp"
             status = report.get(name, "float: not quantized")
             if attn == "fp" and w.startswith("fp") and status.startswith("quantized"):
                 status = "float"
