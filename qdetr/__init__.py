@@ -5,7 +5,8 @@ The top-level API, grouped by role:
 * quantization: :func:`quantize_model`, :class:`QuantConfig`, :func:`quant_summary`, :func:`calibrate`;
 * distillation: :class:`DistillationLoss`;
 * models: :func:`create_model`, :func:`list_models`, :func:`post_process_object_detection`;
-* model zoo: :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`.
+* model zoo: :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`;
+* deployment: :func:`export_onnx` (QDQ ONNX for integer kernels).
 
 Examples:
     >>> import torch
@@ -22,6 +23,7 @@ Examples:
 __version__ = "0.1.0"
 
 from qdetr.distill import DistillationLoss
+from qdetr.export import export_onnx
 from qdetr.models import create_model, list_models, post_process_object_detection
 from qdetr.quant import QuantConfig, calibrate, quant_summary, quantize_model
 from qdetr.zoo import from_pretrained, list_pretrained, save_pretrained
@@ -43,4 +45,6 @@ __all__ = [
     "from_pretrained",
     "list_pretrained",
     "save_pretrained",
+    # deployment
+    "export_onnx",
 ]

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from qdetr.data.synthetic import SyntheticShapesConfig
 from qdetr.data.transforms import TransformConfig
+from qdetr.quant.config import PROFILES
 
 __all__ = [
     "DataConfig",
@@ -155,7 +156,7 @@ class QuantTrainConfig:
     Args:
         bits: weight/activation bit width (2, 3 or 4; 8 works too), or ``None`` for float.
         attn_bits: bits of q, k, v and the attention probabilities.
-        profile: ``"paper"`` or ``"seed"`` (method.md section 4).
+        profile: ``"paper"``, ``"seed"`` (method.md section 4) or ``"deploy"`` (integer-kernel numerics).
         float_checkpoint: float weights to start QAT from (a training checkpoint or a
             ``save_pretrained`` folder). Strongly recommended: QAT from scratch rarely converges.
         calibration_batches: training batches used to initialise step sizes and zero points.
@@ -204,8 +205,8 @@ class QuantTrainConfig:
             _fail("quant.two_stage needs quant.bits (2, 3 or 4)")
         if self.two_stage and self.stage1_epochs < 1:
             _fail("quant.two_stage needs quant.stage1_epochs >= 1")
-        if self.profile not in ("paper", "seed"):
-            _fail(f"quant.profile must be 'paper' or 'seed'; got {self.profile!r}")
+        if self.profile not in PROFILES:
+            _fail(f"quant.profile must be one of {PROFILES}; got {self.profile!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
