@@ -20,6 +20,7 @@ nothing newer); 13-17 are reached by version conversion. See docs/concepts/deplo
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from qdetr.quant.attention import QuantMultiheadAttention
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
 
-__all__ = ["export_onnx", "ExportOptions", "to_export_form", "TARGETS", "OPSETS"]
+__all__ = ["export_onnx", "export_metadata", "ExportOptions", "to_export_form", "TARGETS", "OPSETS"]
 
 #: Runtimes the export is shaped for, and the activation container each uses.
 TARGETS = {"onnxruntime": "uint8", "tensorrt": "int8"}
@@ -67,6 +68,9 @@ class ExportOptions:
         example_size: (H, W) of the example input used for tracing (any size works afterwards).
         fold_batch_norm: fold frozen batch norms into the quantized convs before them.
         fold_relu: fold ReLUs into the per-tensor quantizer that reads them.
+        dynamic: dynamic batch and image size (default). ``False`` fixes batch 1 and
+            ``example_size``; onnxruntime then rewrites linears to ``QGemm`` instead of
+            ``MatMulIntegerToFloat`` + Add.
 
     Raises:
         ExportError: for an unknown target or an opset outside 13..21.
@@ -85,6 +89,7 @@ class ExportOptions:
     example_size: tuple[int, int] = (64, 64)
     fold_batch_norm: bool = True
     fold_relu: bool = True
+    dynamic: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -243,6 +248,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     options: ExportOptions | None = None,
+    metadata: dict[str, str] | None = None,
     **option_kwargs,
 ) -> Path:
     """Write ``model`` (a qdetr DETR / SMCA-DETR, float or quantized) as an ONNX file.
@@ -256,7 +262,8 @@ def export_onnx(
         model: the detector; activation quantizers must be calibrated.
         path: output ``.onnx`` file.
         options: :class:`ExportOptions`; or pass its fields as keywords
-            (``opset=``, ``target=``, ...).
+            (``opset=``, ``target=``, ``dynamic=``, ...).
+        metadata: extra ``metadata_props`` entries (added to :func:`export_metadata`'s).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -285,9 +292,10 @@ def export_onnx(
     export_model = to_export_form(model, options) if is_quantized(model) else copy.deepcopy(model).float().eval()
     wrapper = DetectorForExport(export_model).eval()
     h, w = options.example_size
-    pixel_values = torch.randn(2, 3, h, w)
-    pixel_mask = torch.ones(2, h, w, dtype=torch.int64)
-    pixel_mask[1, :, w * 3 // 4 :] = 0
+    batch = 2 if options.dynamic else 1
+    pixel_values = torch.randn(batch, 3, h, w)
+    pixel_mask = torch.ones(batch, h, w, dtype=torch.int64)
+    pixel_mask[batch - 1, :, w * 3 // 4 :] = 0
     path = Path(path)
     with torch.no_grad():
         program = torch.onnx.export(
@@ -297,10 +305,60 @@ def export_onnx(
             opset_version=options.opset,
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=_dynamic_shapes(),
+            dynamic_shapes=_dynamic_shapes() if options.dynamic else None,
             custom_translation_table=onnx_translations(max(options.opset, 18)),
             verbose=False,
         )
     with atomic_path(path) as tmp:
         program.save(str(tmp))
+        _write_metadata(tmp, {**export_metadata(model, options), **(metadata or {})})
     return path
+
+
+def export_metadata(model: nn.Module, options: ExportOptions | None = None) -> dict[str, str]:
+    """The ``metadata_props`` written into the ONNX file, so that a runtime needs no side files.
+
+    Keys: ``qdetr.classification`` (``"softmax"``/``"sigmoid"``), ``qdetr.preprocessing`` (JSON:
+    ``eval_size``, ``max_size``, ``mean``, ``std``), ``qdetr.export`` (JSON: target, opset,
+    container), and when known ``qdetr.id2label`` (JSON), ``qdetr.model_name``, ``qdetr.bits``,
+    ``qdetr.profile``.
+
+    Examples:
+        >>> import qdetr
+        >>> meta = export_metadata(qdetr.create_model("detr_tiny"))
+        >>> meta["qdetr.classification"], "qdetr.bits" in meta
+        ('softmax', False)
+    """
+    from qdetr.models.preprocessing import PreprocessingConfig
+    from qdetr.quant.api import CONFIG_ATTR
+
+    options = options or ExportOptions()
+    pre = PreprocessingConfig()
+    meta = {
+        "qdetr.classification": str(getattr(model, "classification", "softmax")),
+        "qdetr.preprocessing": json.dumps(
+            {"eval_size": pre.shortest_edge, "max_size": pre.longest_edge, "mean": list(pre.image_mean), "std": list(pre.image_std)}
+        ),
+        "qdetr.export": json.dumps({"target": options.target, "opset": options.opset, "container": options.container}),
+    }
+    id2label = getattr(model, "id2label", None)
+    if id2label:
+        meta["qdetr.id2label"] = json.dumps({str(k): v for k, v in id2label.items()})
+    name = getattr(getattr(model, "config", None), "name", None) or getattr(model, "name_or_path", None)
+    if name:
+        meta["qdetr.model_name"] = str(name)
+    quant = getattr(model, CONFIG_ATTR, None)
+    if quant is not None:
+        meta["qdetr.bits"] = str(quant.bits)
+        meta["qdetr.profile"] = quant.profile + ("-symmetric" if quant.symmetric_activations else "")
+    return meta
+
+
+def _write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
