@@ -7,7 +7,9 @@ is first rewritten into its export form (:mod:`qdetr.export.qdq_modules`):
 
 1. every quantized Conv2d/Linear/attention becomes QDQ operators around int8 weight codes;
 2. frozen batch norms that directly follow a quantized conv are folded into it, so that the
-   conv output reaches the next ``QuantizeLinear`` (the condition for an integer conv);
+   conv output reaches the next ``QuantizeLinear`` (the condition for an integer conv); a
+   norm's output quantizer (deploy profile, :mod:`qdetr.quant.residual_outputs`) then sits
+   right after the conv;
 3. a ReLU whose only consumer is a per-tensor input quantizer is folded into that quantizer's
    clip (``Q(relu(x)) = max(Q(x), Q(0))``), so ``Conv -> Q`` stays adjacent whatever the
    zero point;
@@ -44,6 +46,7 @@ from qdetr.quant.api import is_quantized
 from qdetr.quant.attention import QuantMultiheadAttention
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
+from qdetr.quant.residual_outputs import OutputQuantizedBatchNorm2d
 
 __all__ = ["export_onnx", "export_metadata", "ExportOptions", "to_export_form", "TARGETS", "OPSETS"]
 
@@ -211,6 +214,16 @@ def to_export_form(model: nn.Module, options: ExportOptions | None = None) -> nn
             handled.append(name)
     for name, new in replacements:
         _replace(model, name, new)
+    if options.fold_batch_norm:
+        for parent_name, parent in list(model.named_modules()):
+            for conv_name, bn_name in _conv_bn_pairs(parent):
+                bn = getattr(parent, bn_name)
+                getattr(parent, conv_name).fold_batch_norm(bn)
+                bn_qualified = f"{parent_name}.{bn_name}" if parent_name else bn_name
+                setattr(parent, bn_name, _output_quantizer(bn, bn_qualified, container) or nn.Identity())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, OutputQuantizedBatchNorm2d):  # not folded: norm, then quantizer
+            _replace(model, name, nn.Sequential(module.to_batch_norm(), _output_quantizer(module, name, container)))
     leftovers = [n for n, m in model.named_modules() if isinstance(m, (LSQActQuantizer, LSQWeightQuantizer))]
     if leftovers:
         raise ExportError(
@@ -219,17 +232,18 @@ def to_export_form(model: nn.Module, options: ExportOptions | None = None) -> nn
             "QuantMultiheadAttention (quantize Hugging Face models' attention is not exportable yet): "
             "keep those layers float with QuantConfig(keep_float=...)"
         )
-    if options.fold_batch_norm:
-        for parent in list(model.modules()):
-            for conv_name, bn_name in _conv_bn_pairs(parent):
-                getattr(parent, conv_name).fold_batch_norm(getattr(parent, bn_name))
-                setattr(parent, bn_name, nn.Identity())
     if options.fold_relu:
         blocks = [(n, m) for n, m in model.named_modules() if type(m) is Bottleneck]
         for name, block in blocks:
             if isinstance(block.bn1, nn.Identity) and isinstance(block.bn2, nn.Identity):
                 _replace(model, name, _ReluFoldedBottleneck(block))
     return model
+
+
+def _output_quantizer(bn: nn.Module, name: str, container: str) -> ExportActQuantizer | None:
+    if not isinstance(bn, OutputQuantizedBatchNorm2d):
+        return None
+    return ExportActQuantizer(bn.output_quantizer, f"{name}.output_quantizer", container)
 
 
 def _has_quantizer(module: nn.Module) -> bool:

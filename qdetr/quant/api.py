@@ -18,6 +18,7 @@ from qdetr.quant.policy import (
     plan_layer,
 )
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
+from qdetr.quant.residual_outputs import attach_residual_output_quantizers
 
 __all__ = ["quantize_model", "is_quantized", "REPORT_ATTR", "CONFIG_ATTR"]
 
@@ -104,7 +105,9 @@ def quantize_model(
     Swaps ``nn.Conv2d`` -> :class:`QuantConv2d`, ``nn.Linear`` -> :class:`QuantLinear`,
     ``nn.MultiheadAttention`` / :class:`qdetr.layers.MultiheadAttention` ->
     :class:`QuantMultiheadAttention`, and quantizes Hugging Face DETR-family attention in
-    place, following the profile (method.md section 4). Weight steps are initialised from
+    place, following the profile (method.md section 4; the ``"deploy"`` profile also puts
+    8-bit quantizers on the ResNet outputs that feed residual adds,
+    :mod:`qdetr.quant.residual_outputs`). Weight steps are initialised from
     the weights immediately; activation steps are calibrated on the first training batch
     or by :func:`qdetr.quant.calibrate`.
 
@@ -113,7 +116,7 @@ def quantize_model(
             transformers ``DetrForObjectDetection``, ...).
         bits: b in "W b / A b / Attn 8"; ignored when ``config`` is given.
         config: full configuration (bits, profile, overrides, keep_float, numerics).
-        profile: ``"paper"`` or ``"seed"``; ignored when ``config`` is given.
+        profile: ``"paper"``, ``"seed"`` or ``"deploy"``; ignored when ``config`` is given.
 
     Returns:
         The same ``model`` object.
@@ -211,6 +214,9 @@ def quantize_model(
     rules.check_all_used(considered)
     for name, new in replacements:
         _set_child(model, name, new)
+    if config.profile == "deploy":
+        for name in attach_residual_output_quantizers(model, config):
+            report[name] = f"quantized (residual output A{config.residual_bits})"
     # nn.TransformerEncoder may convert inputs to nested tensors for its fused fast path,
     # which the explicit attention path does not accept.
     for module in model.modules():

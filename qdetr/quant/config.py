@@ -221,6 +221,9 @@ class QuantConfig:
             quantizers on the ResNet outputs that feed residual adds); see
             docs/concepts/deploy-profile.md. ``"deploy"`` sets ``activation.granularity`` to
             ``"per_tensor"``.
+        residual_bits: ``"deploy"`` only: bits of the per-tensor quantizers on the ResNet outputs
+            that feed residual adds (``bn3``, the ``downsample`` norm, the stem norm), see
+            :mod:`qdetr.quant.residual_outputs`.
         symmetric_activations: ``"deploy"`` only: every activation range is signed with its zero
             point fixed at 0 (TensorRT's INT8 mode accepts nothing else).
         quantize_downsample: also quantize ResNet ``downsample`` 1x1 convs at ``bits`` (float in the
@@ -253,6 +256,7 @@ class QuantConfig:
     attn_bits: int = 8
     stem_bits: int = 8
     profile: str = "paper"
+    residual_bits: int = 8
     symmetric_activations: bool = False
     quantize_downsample: bool = False
     overrides: tuple[tuple[str, int], ...] = ()
@@ -266,6 +270,7 @@ class QuantConfig:
             check_bits(self.act_bits, "act_bits")
         check_bits(self.attn_bits, "attn_bits")
         check_bits(self.stem_bits, "stem_bits")
+        check_bits(self.residual_bits, "residual_bits")
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; choose one of {PROFILES}")
         overrides = self.overrides
