@@ -1,4 +1,4 @@
-"""The ``qdetr`` command line: ``train``, ``eval``, ``predict``, ``demo`` (and the zoo commands).
+"""The ``qdetr`` command line: ``train``, ``eval``, ``predict``, ``export``, ``demo`` (and the zoo commands).
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     torchrun --nproc_per_node=2 -m qdetr train run.yaml
     qdetr eval runs/w4/model_final.pt --images coco/val2017 --ann coco/annotations/instances_val2017.json
     qdetr predict runs/w4/model_final.pt img1.jpg img2.jpg --out predictions/
+    qdetr export path/to/save_pretrained_folder model.onnx --target onnxruntime
 
 argparse lives only here; the library takes dataclass configs.
 """
@@ -67,11 +68,13 @@ def _add_eval(subparsers) -> None:
 
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="draw detections on images and write JSON")
-    p.add_argument("model", help="model_final.pt, a run folder or a save_pretrained folder")
+    p.add_argument("model", help="model_final.pt, a run folder, a save_pretrained folder or an .onnx file")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                   help="onnxruntime: MODEL is an exported .onnx file, run on CPU (qdetr export)")
 
 
 def _add_demo(subparsers) -> None:
@@ -85,6 +88,22 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a model as ONNX (quantized models as QDQ ONNX for integer kernels)",
+        description="MODEL is anything qdetr.from_pretrained accepts (a zoo name, a save_pretrained "
+        "folder, a Hub id). Inputs pixel_values/pixel_mask, outputs pred_logits/pred_boxes.",
+    )
+    p.add_argument("model", help="zoo name, save_pretrained folder or Hub id")
+    p.add_argument("out", help="output .onnx file")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 13..21 (default 18)")
+    p.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="tensorrt: int8 activations with zero points 0 (needs a symmetric deploy model)")
+    p.add_argument("--static", type=int, nargs=2, metavar=("H", "W"),
+                   help="fix batch 1 and this image size instead of dynamic shapes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qdetr`` argument parser."""
     parser = argparse.ArgumentParser(prog="qdetr", description="Low-bit quantized DETR: train, evaluate, predict.")
@@ -94,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_predict(subparsers)
     _add_demo(subparsers)
+    _add_export(subparsers)
     try:
         from qdetr.zoo.commands import add_zoo_commands
     except ImportError:
@@ -194,7 +214,7 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     from qdetr.engine.predict import load_model_for_inference, predict_images
 
-    loaded = load_model_for_inference(args.model)
+    loaded = load_model_for_inference(args.model, backend=args.backend)
     records = predict_images(loaded, args.images, args.out, threshold=args.threshold, device=args.device)
     for record in records:
         print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
@@ -210,7 +230,19 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo}
+def _cmd_export(args) -> int:
+    import qdetr
+
+    model = qdetr.from_pretrained(args.model)
+    options = {"opset": args.opset, "target": args.target}
+    if args.static:
+        options.update(dynamic=False, example_size=tuple(args.static))
+    path = qdetr.export_onnx(model, args.out, metadata={"qdetr.model_name": str(args.model)}, **options)
+    print(f"wrote {path}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

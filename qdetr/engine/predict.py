@@ -53,18 +53,24 @@ class LoadedModel:
     std: tuple[float, ...] = IMAGENET_STD
 
 
-def load_model_for_inference(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+def load_model_for_inference(
+    path: str | Path, map_location: str | torch.device = "cpu", *, backend: str = "pytorch"
+) -> LoadedModel:
     """Loads a trainer model file, a run folder or a ``save_pretrained`` folder.
 
     Args:
-        path: ``model_final.pt``, a run folder holding one, or a ``save_pretrained`` folder.
+        path: ``model_final.pt``, a run folder holding one, or a ``save_pretrained`` folder;
+            with ``backend="onnxruntime"``, an exported ``.onnx`` file.
         map_location: device the model is loaded to.
+        backend: ``"pytorch"`` or ``"onnxruntime"`` (the model is a
+            :class:`qdetr.export.onnx_runtime.OnnxDetector` run on CPU).
 
     Returns:
         The model in eval mode with its categories and preprocessing sizes.
 
     Raises:
         FileNotFoundError: when nothing loadable is at ``path`` (the message lists what was tried).
+        ValueError: an unknown ``backend``, or an ``.onnx`` file with the PyTorch backend.
 
     Examples:
         >>> import tempfile
@@ -82,9 +88,17 @@ def load_model_for_inference(path: str | Path, map_location: str | torch.device 
         >>> loaded.eval_size, loaded.max_size, loaded.categories, loaded.model.training
         (64, None, {1: 'rectangle'}, False)
     """
+    if backend == "onnxruntime":
+        from qdetr.export.onnx_runtime import load_onnx_for_inference
+
+        return load_onnx_for_inference(path)
+    if backend != "pytorch":
+        raise ValueError(f"backend must be 'pytorch' or 'onnxruntime'; got {backend!r}")
     from qdetr.engine.model_files import load_model_file
 
     path = Path(path)
+    if path.suffix == ".onnx":
+        raise ValueError(f"{path} is an ONNX file: load it with backend='onnxruntime' (CLI: --backend onnxruntime)")
     if path.is_dir() and (path / "model_final.pt").is_file():
         path = path / "model_final.pt"
     if path.is_file():

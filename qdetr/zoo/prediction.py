@@ -90,7 +90,8 @@ def predict(
         raise ValueError("predict got no images; pass an image, a path or a list of them")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    reference = next(model.parameters())
+    # A parameter-free wrapper (e.g. an onnxruntime session) takes float32 CPU inputs.
+    reference = next(model.parameters(), torch.empty(0))
     was_training = model.training
     model.eval()
     results: list[dict[str, torch.Tensor]] = []
