@@ -97,7 +97,7 @@ def _add_export(subparsers) -> None:
     )
     p.add_argument("model", help="zoo name, save_pretrained folder or Hub id")
     p.add_argument("out", help="output .onnx file")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 13..21 (default 18)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..21 (default 18)")
     p.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                    help="tensorrt: int8 activations with zero points 0 (needs a symmetric deploy model)")
     p.add_argument("--static", type=int, nargs=2, metavar=("H", "W"),

@@ -16,7 +16,10 @@ is first rewritten into its export form (:mod:`qdetr.export.qdq_modules`):
 
 then traced with ``torch.onnx.export(dynamo=True)``. Opsets: 18 by default (the dynamo
 exporter's native opset; QDQ with per-axis scales needs 13, the 8-bit containers need
-nothing newer); 13-17 are reached by version conversion. See docs/concepts/deploy-profile.md.
+nothing newer), up to 21. Sub-8-bit ONNX types (int4 from opset 21, int2 from 25) are not
+emitted: onnxruntime 1.32 runs a conv or matmul with an int4 weight and a quantized activation
+as a float op, so b-bit codes travel in 8-bit containers with a Clip to their 2^b levels.
+See docs/concepts/deploy-profile.md.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ __all__ = ["export_onnx", "export_metadata", "ExportOptions", "to_export_form", 
 
 #: Runtimes the export is shaped for, and the activation container each uses.
 TARGETS = {"onnxruntime": "uint8", "tensorrt": "int8"}
-#: ONNX opsets the exporter writes.
-OPSETS = range(13, 22)
+#: ONNX opsets the exporter writes: 18 (the dynamo exporter's base) to 21.
+OPSETS = range(18, 22)
 INPUT_NAMES = ("pixel_values", "pixel_mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
@@ -63,7 +66,7 @@ class ExportOptions:
     """How :func:`export_onnx` writes the graph.
 
     Attributes:
-        opset: ONNX opset (13..21, default 18).
+        opset: ONNX opset (18..21, default 18).
         target: ``"onnxruntime"`` (activation codes in uint8 containers, any integer zero
             point: the form onnxruntime's x86 integer kernels fuse) or ``"tensorrt"`` (int8
             containers, every zero point 0: TensorRT's explicit INT8 quantization; needs a model
@@ -76,7 +79,7 @@ class ExportOptions:
             ``MatMulIntegerToFloat`` + Add.
 
     Raises:
-        ExportError: for an unknown target or an opset outside 13..21.
+        ExportError: for an unknown target or an opset outside 18..21.
 
     Examples:
         >>> ExportOptions(target="tensorrt").container
@@ -84,7 +87,7 @@ class ExportOptions:
         >>> ExportOptions(opset=11)
         Traceback (most recent call last):
             ...
-        qdetr.export.qdq_modules.ExportError: opset 11 cannot express per-channel DequantizeLinear (axis) or the QDQ export; use an opset from 13 to 21
+        qdetr.export.qdq_modules.ExportError: opset 11 is not supported by the QDQ exporter (per-axis DequantizeLinear needs 13, the dynamo exporter's operator set 18); use an opset from 18 to 21
     """
 
     opset: int = 18
@@ -99,8 +102,8 @@ class ExportOptions:
             raise ExportError(f"target must be one of {tuple(TARGETS)}; got {self.target!r}")
         if self.opset not in OPSETS:
             raise ExportError(
-                f"opset {self.opset} cannot express per-channel DequantizeLinear (axis) or the QDQ export; "
-                f"use an opset from {OPSETS.start} to {OPSETS.stop - 1}"
+                f"opset {self.opset} is not supported by the QDQ exporter (per-axis DequantizeLinear needs 13, "
+                f"the dynamo exporter's operator set 18); use an opset from {OPSETS.start} to {OPSETS.stop - 1}"
             )
 
     @property

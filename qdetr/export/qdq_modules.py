@@ -62,6 +62,7 @@ class ExportActQuantizer(nn.Module):
         input and output: any shape (per tensor), or the quantizer's channel axis (per channel).
 
     Examples:
+        >>> from qdetr.quant import QuantizerConfig
         >>> q = LSQActQuantizer(4, 1, axis=-1, signed=False,
         ...                     config=QuantizerConfig(granularity="per_tensor")).train()
         >>> x = torch.rand(2, 5, 8)
