@@ -29,6 +29,7 @@ EXECUTED_PAGES = [
     "concepts/profiles.md",
     "concepts/calibration.md",
     "concepts/distillation-overview.md",
+    "concepts/deploy-profile.md",
     "how-to/quantize-your-detector.md",
     "how-to/train-on-coco.md",
     "how-to/convert-release-checkpoints.md",
@@ -44,6 +45,7 @@ REFERENCE_PAGES = {
     "reference/zoo.md": "qdetr.zoo",
     "reference/data.md": "qdetr.data",
     "reference/engine.md": "qdetr.engine",
+    "reference/export.md": "qdetr.export",
 }
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")

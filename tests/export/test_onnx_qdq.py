@@ -182,9 +182,8 @@ def test_integer_multiply_add_share(deploy_w4):
     from qdetr.export import integer_kernel_report
 
     _, path = deploy_w4
-    report = integer_kernel_report(path, image_size=(64, 64))
-    # The float input_proj, heads and q.k^T logits of a 32-wide model weigh more than in DETR-R50.
-    assert report.integer_share >= 0.75, report.summary()
+    report = integer_kernel_report(path, image_size=(128, 128))
+    assert report.integer_share >= 0.9, report.summary()  # the float input_proj and heads are the rest
 
 
 def test_static_shape_export(tmp_path):
