@@ -93,9 +93,10 @@ def _add_export(subparsers) -> None:
         "export",
         help="write a model as ONNX (quantized models as QDQ ONNX for integer kernels)",
         description="MODEL is anything qdetr.from_pretrained accepts (a zoo name, a save_pretrained "
-        "folder, a Hub id). Inputs pixel_values/pixel_mask, outputs pred_logits/pred_boxes.",
+        "folder, a Hub id) or a `qdetr train` model_final.pt / run folder. "
+        "Inputs pixel_values/pixel_mask, outputs pred_logits/pred_boxes.",
     )
-    p.add_argument("model", help="zoo name, save_pretrained folder or Hub id")
+    p.add_argument("model", help="zoo name, save_pretrained folder, Hub id, model_final.pt or run folder")
     p.add_argument("out", help="output .onnx file")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..21 (default 18)")
     p.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
@@ -233,11 +234,22 @@ def _cmd_demo(args) -> int:
 def _cmd_export(args) -> int:
     import qdetr
 
-    model = qdetr.from_pretrained(args.model)
+    metadata = {"qdetr.model_name": str(args.model)}
+    if Path(args.model).exists():  # a trainer model file, a run folder or a save_pretrained folder
+        from qdetr.engine.predict import load_model_for_inference
+
+        loaded = load_model_for_inference(args.model)
+        model = loaded.model
+        metadata["qdetr.id2label"] = json.dumps({str(k): v for k, v in loaded.categories.items()})
+        metadata["qdetr.preprocessing"] = json.dumps(
+            {"eval_size": loaded.eval_size, "max_size": loaded.max_size, "mean": list(loaded.mean), "std": list(loaded.std)}
+        )
+    else:  # a zoo name or a Hub id
+        model = qdetr.from_pretrained(args.model)
     options = {"opset": args.opset, "target": args.target}
     if args.static:
         options.update(dynamic=False, example_size=tuple(args.static))
-    path = qdetr.export_onnx(model, args.out, metadata={"qdetr.model_name": str(args.model)}, **options)
+    path = qdetr.export_onnx(model, args.out, metadata=metadata, **options)
     print(f"wrote {path}")
     return 0
 

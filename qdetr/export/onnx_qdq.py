@@ -75,8 +75,10 @@ class ExportOptions:
         fold_batch_norm: fold frozen batch norms into the quantized convs before them.
         fold_relu: fold ReLUs into the per-tensor quantizer that reads them.
         dynamic: dynamic batch and image size (default). ``False`` fixes batch 1 and
-            ``example_size``; onnxruntime then rewrites linears to ``QGemm`` instead of
-            ``MatMulIntegerToFloat`` + Add.
+            ``example_size``. With static shapes onnxruntime 1.32 first rewrites every
+            MatMul + bias Add into a float ``Gemm`` (``MatMulAddFusion``) that its QDQ rules
+            then leave float, also with int32 biases; dynamic shapes keep the linears on
+            ``MatMulIntegerToFloat``. Convolutions fuse either way.
 
     Raises:
         ExportError: for an unknown target or an opset outside 18..21.
