@@ -395,3 +395,41 @@ def test_cli_export_of_a_saved_model(tmp_path):
     got = _run(_session(tmp_path / "m.onnx", "disable"), pixel_values, pixel_mask)
     expected = _reference(model, pixel_values, pixel_mask)
     torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_deploy_profile_then_export_with_the_cli(tmp_path):
+    """`qdetr train --set quant.profile=deploy`, then `qdetr export runs/.../model_final.pt out.onnx`."""
+    from qdetr.cli import main
+    from qdetr.engine import Trainer
+    from qdetr.engine.config import TrainConfig
+
+    config = TrainConfig.from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "epochs": 1,
+            "max_steps": 2,
+            "device": "cpu",
+            "progress": False,
+            "eval_every": 0,
+            "data": {
+                "synthetic_root": str(tmp_path / "synthetic"),
+                "synthetic_train_images": 4,
+                "synthetic_val_images": 2,
+                "synthetic": {"image_size": 64, "max_objects": 2, "min_size_frac": 0.3},
+                "transforms": {"train_scales": [64], "max_size": 100, "eval_size": 64,
+                               "crop_resize_scales": [64], "crop_size": [40, 64]},
+                "batch_size": 2,
+            },
+            "model": {"name": "detr_tiny"},
+            "quant": {"bits": 3, "profile": "deploy"},
+        }
+    )
+    result = Trainer(config).fit()
+    assert main(["export", str(result.model_path), str(tmp_path / "w3.onnx")]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "w3.onnx")).metadata_props}
+    assert meta["qdetr.profile"] == "deploy" and meta["qdetr.bits"] == "3"
+    assert json.loads(meta["qdetr.preprocessing"])["eval_size"] == 64
+    pixel_values, pixel_mask = example_inputs(2, seed=4)
+    out = _run(_session(tmp_path / "w3.onnx", "all"), pixel_values, pixel_mask)
+    assert out["pred_boxes"].shape == (2, 10, 4) and torch.isfinite(out["pred_logits"]).all()
