@@ -72,8 +72,22 @@ def _coco_mini_sections(root: Path) -> dict:
     }
 
 
-def _run(job: tuple[dict, int]) -> dict:
-    config_dict, threads = job
+def _finished(output_dir: Path) -> dict | None:
+    """The result of a run that already finished in ``output_dir`` (model file + final eval), else None."""
+    model_path, log = output_dir / "model_final.pt", output_dir / "log.jsonl"
+    if not (model_path.is_file() and log.is_file()):
+        return None
+    evals = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "eval"]
+    if not evals:
+        return None
+    return {"ap": evals[-1]["AP"], "ap50": evals[-1]["AP50"], "seconds": None, "model_path": str(model_path),
+            "eval_batch_size": evals[-1].get("eval_batch_size"), "reused": True}
+
+
+def _run(job: tuple[dict, int, bool]) -> dict:
+    config_dict, threads, reuse = job
+    if reuse and (done := _finished(Path(config_dict["output_dir"]))) is not None:
+        return done
     torch.set_num_threads(threads)
     from qdetr.engine.config import TrainConfig
 
@@ -128,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", nargs="+", default=["paper"], choices=("paper", "deploy"),
                         help="layer profiles each variant is trained with")
     parser.add_argument("--section", default="method-table", help="marked docs section to replace")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="read back runs whose folder already holds model_final.pt and a final eval")
     args = parser.parse_args(argv)
     unknown = set(args.variants) - {name for name, _, _ in VARIANTS}
     if unknown:
@@ -151,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if teacher is None or not args.shared_teacher:
             teacher_data = {k: teacher_cfg.to_dict()["data"][k] for k in ("synthetic_seed", "synthetic_root")}
-            teacher = _run((teacher_cfg.to_dict(), 1))
-            print(f"seed {seed}: float AP {100 * teacher['ap']:.1f} ({teacher['seconds']:.0f} s)", flush=True)
+            teacher = _run((teacher_cfg.to_dict(), 1, args.reuse_finished))
+            print(f"seed {seed}: float AP {100 * teacher['ap']:.1f}", flush=True)
             rows.setdefault(("float", None, "-"), []).append(teacher)
         jobs, keys = [], []
         for bits, profile, (name, distill, align) in (
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 data = cfg.to_dict()["data"]
                 data.update(teacher_data)
                 cfg = cfg.with_overrides({"data": data})
-            jobs.append((cfg.to_dict(), 1))
+            jobs.append((cfg.to_dict(), 1, args.reuse_finished))
             keys.append((name, bits, profile))
         with mp.get_context("spawn").Pool(args.processes) as pool:
             results = pool.map(_run, jobs)
@@ -218,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             + f". Model `{demo.model}` ({demo.model_overrides}) at {demo.image_size} px, float teacher trained for "
             f"{args.teacher_epochs} epochs on {args.train_images} images, every quantized run trained "
             f"{args.qat_epochs} epochs from it (lr {demo.qat_lr}, distillation weight {args.distill_weight}, tau 0.5). "
-            f"Wall time {elapsed / 60:.0f} min on 2 CPU cores.\n\n"
+            f"Wall time {elapsed / 60:.0f} min on 2 CPU cores"
+            + (" (runs that had finished in earlier invocations were read back: --reuse-finished)"
+               if any(r.get("reused") for runs in rows.values() for r in runs) else "")
+            + ".\n\n"
             f"Command:\n\n```\n{command}\n```\n"
             f"<!-- {args.section}:end -->"
         )
