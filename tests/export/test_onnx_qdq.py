@@ -435,3 +435,18 @@ def test_train_deploy_profile_then_export_with_the_cli(tmp_path):
     pixel_values, pixel_mask = example_inputs(2, seed=4)
     out = _run(_session(tmp_path / "w3.onnx", "all"), pixel_values, pixel_mask)
     assert out["pred_boxes"].shape == (2, 10, 4) and torch.isfinite(out["pred_logits"]).all()
+
+
+@pytest.mark.slow
+def test_float_model_exports_as_plain_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = qdetr.create_model("detr_tiny").eval()
+    path = export_onnx(model, tmp_path / "float.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    pixel_values, pixel_mask = _new_inputs()
+    got = _run(_session(path, "all"), pixel_values, pixel_mask)
+    with torch.no_grad():
+        expected = model(pixel_values, pixel_mask)
+    for key in OUTPUTS:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
