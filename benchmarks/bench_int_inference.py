@@ -192,7 +192,7 @@ def markdown(data: dict) -> str:
         model, size, batch, threads = key.split("|")
         seconds = data["cells"][key]["seconds"]
         ips = {v: int(batch) / s for v, s in seconds.items()}
-        cells = [f"{ips[v]:.2f}" if v in ips else "-" for v in shown]
+        cells = [f"{ips[v]:.3g}" if v in ips else "-" for v in shown]
         ratio = lambda a, b: f"{ips[a] / ips[b]:.2f}x" if a in ips and b in ips else "-"  # noqa: E731
         lines.append(f"| {model} | {size} | {batch} | {threads} | " + " | ".join(cells)
                      + f" | {ratio('ort-w4a4', 'ort-float')} | {ratio('ort-w4a4', 'torch-fq-w4a4')} |")
