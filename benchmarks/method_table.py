@@ -17,10 +17,18 @@ The table reports the mean and the spread (sample standard deviation) over seeds
 AP and AP50 (pycocotools, eval batch size 1) and writes it, with the exact command, to
 ``docs/results.md`` (``--write-docs``).
 
+``--profiles paper deploy`` trains each selected variant with both layer profiles: ``paper``
+(the paper's quantizers: per-head attention scales, LSQ+ everywhere) and ``deploy`` (the
+numerics onnxruntime's integer kernels run: per-tensor activations, 8-bit stem and residual
+outputs; docs/deployment.md), so the accuracy cost of deployability is a measured number.
+``--variants`` selects rows and ``--section`` names the marked docs section that is replaced.
+
 Usage::
 
     python benchmarks/method_table.py --seeds 0 1 2 --out outputs/method_table --write-docs docs/results.md
     python benchmarks/method_table.py --coco-mini ../shared/data/coco-mini ...   # real images (optional)
+    python benchmarks/method_table.py --variants "LSQ baseline" --profiles paper deploy \
+        --section deploy-table --out outputs/deploy_table --write-docs docs/results.md
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
+import shlex
 import statistics
 import sys
 import time
@@ -63,8 +72,22 @@ def _coco_mini_sections(root: Path) -> dict:
     }
 
 
-def _run(job: tuple[dict, int]) -> dict:
-    config_dict, threads = job
+def _finished(output_dir: Path) -> dict | None:
+    """The result of a run that already finished in ``output_dir`` (model file + final eval), else None."""
+    model_path, log = output_dir / "model_final.pt", output_dir / "log.jsonl"
+    if not (model_path.is_file() and log.is_file()):
+        return None
+    evals = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "eval"]
+    if not evals:
+        return None
+    return {"ap": evals[-1]["AP"], "ap50": evals[-1]["AP50"], "seconds": None, "model_path": str(model_path),
+            "eval_batch_size": evals[-1].get("eval_batch_size"), "reused": True}
+
+
+def _run(job: tuple[dict, int, bool]) -> dict:
+    config_dict, threads, reuse = job
+    if reuse and (done := _finished(Path(config_dict["output_dir"]))) is not None:
+        return done
     torch.set_num_threads(threads)
     from qdetr.engine.config import TrainConfig
 
@@ -88,11 +111,11 @@ def _mean_spread(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * spread:.1f}"
 
 
-def _write_section(path: Path, section: str) -> None:
-    """Replaces the marked method-table section of ``path`` (or appends it / creates the file)."""
+def _write_section(path: Path, section: str, name: str = "method-table") -> None:
+    """Replaces the marked ``name`` section of ``path`` (or appends it / creates the file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.is_file() else "# Results\n\n"
-    start, end = "<!-- method-table:start -->", "<!-- method-table:end -->"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start in text and end in text:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
     else:
@@ -114,12 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="quantized runs trained in parallel (1 thread each)")
     parser.add_argument("--out", default="outputs/method_table")
     parser.add_argument("--write-docs", default=None, help="write the markdown table here (e.g. docs/results.md)")
+    parser.add_argument("--variants", nargs="+", default=[name for name, _, _ in VARIANTS],
+                        help="quantized rows to train (names of VARIANTS)")
+    parser.add_argument("--profiles", nargs="+", default=["paper"], choices=("paper", "deploy"),
+                        help="layer profiles each variant is trained with")
+    parser.add_argument("--section", default="method-table", help="marked docs section to replace")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="read back runs whose folder already holds model_final.pt and a final eval")
     args = parser.parse_args(argv)
+    unknown = set(args.variants) - {name for name, _, _ in VARIANTS}
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {[name for name, _, _ in VARIANTS]}")
     if args.coco_mini is not None and not args.coco_mini.is_dir():
         parser.error(f"--coco-mini {args.coco_mini} does not exist")
 
     start = time.time()
-    rows: dict[tuple[str, int | None], list[dict]] = {}
+    rows: dict[tuple[str, int | None, str], list[dict]] = {}
     teacher = None
     teacher_data = None
     for seed in args.seeds:
@@ -134,58 +167,66 @@ def main(argv: list[str] | None = None) -> int:
         )
         if teacher is None or not args.shared_teacher:
             teacher_data = {k: teacher_cfg.to_dict()["data"][k] for k in ("synthetic_seed", "synthetic_root")}
-            teacher = _run((teacher_cfg.to_dict(), 1))
-            print(f"seed {seed}: float AP {100 * teacher['ap']:.1f} ({teacher['seconds']:.0f} s)", flush=True)
-            rows.setdefault(("float", None), []).append(teacher)
+            teacher = _run((teacher_cfg.to_dict(), 1, args.reuse_finished))
+            print(f"seed {seed}: float AP {100 * teacher['ap']:.1f}", flush=True)
+            rows.setdefault(("float", None, "-"), []).append(teacher)
         jobs, keys = [], []
-        for bits in args.bits:
-            for name, distill, align in VARIANTS:
-                run_name = f"w{bits}_" + name.strip("+ ").split(" ")[0].lower()
-                cfg = _config(
-                    demo, run_name, args.coco_mini, epochs=demo.qat_epochs,
-                    optim={"lr": demo.qat_lr, "lr_backbone": demo.qat_lr},
-                    quant={"bits": bits, "float_checkpoint": teacher["model_path"]},
-                    distill={"enabled": distill, "alignment": align, "weight": demo.distill_weight},
-                )
-                if args.shared_teacher and teacher_data is not None:
-                    # Only the quantized runs' seed varies: keep the teacher's data set.
-                    data = cfg.to_dict()["data"]
-                    data.update(teacher_data)
-                    cfg = cfg.with_overrides({"data": data})
-                jobs.append((cfg.to_dict(), 1))
-                keys.append((name, bits))
+        for bits, profile, (name, distill, align) in (
+            (b, p, v) for b in args.bits for p in args.profiles for v in VARIANTS if v[0] in args.variants
+        ):
+            run_name = f"w{bits}_" + name.strip("+ ").split(" ")[0].lower()
+            run_name += "" if profile == "paper" else f"_{profile}"
+            quant = {"bits": bits, "float_checkpoint": teacher["model_path"]}
+            if profile != "paper":
+                quant["profile"] = profile
+            cfg = _config(
+                demo, run_name, args.coco_mini, epochs=demo.qat_epochs,
+                optim={"lr": demo.qat_lr, "lr_backbone": demo.qat_lr},
+                quant=quant,
+                distill={"enabled": distill, "alignment": align, "weight": demo.distill_weight},
+            )
+            if args.shared_teacher and teacher_data is not None:
+                # Only the quantized runs' seed varies: keep the teacher's data set.
+                data = cfg.to_dict()["data"]
+                data.update(teacher_data)
+                cfg = cfg.with_overrides({"data": data})
+            jobs.append((cfg.to_dict(), 1, args.reuse_finished))
+            keys.append((name, bits, profile))
         with mp.get_context("spawn").Pool(args.processes) as pool:
             results = pool.map(_run, jobs)
         for key, result in zip(keys, results):
             rows.setdefault(key, []).append(result)
-            print(f"seed {seed}: {key[1]}-bit {key[0]}: AP {100 * result['ap']:.1f}", flush=True)
+            print(f"seed {seed}: {key[1]}-bit {key[0]} ({key[2]} profile): AP {100 * result['ap']:.1f}", flush=True)
 
     dataset = f"coco-mini ({args.coco_mini})" if args.coco_mini else "synthetic shapes"
+    profiles = len(args.profiles) > 1 or args.profiles != ["paper"]
     lines = [
-        f"| method | bits (W/A/attn) | AP (mean ± sd) | AP50 (mean ± sd) | seeds |",
-        "| --- | --- | ---: | ---: | ---: |",
+        f"| method |{' profile |' if profiles else ''} bits (W/A/attn) | AP (mean ± sd) | AP50 (mean ± sd) | seeds |",
+        f"| --- |{' --- |' if profiles else ''} --- | ---: | ---: | ---: |",
     ]
-    for (name, bits), results in rows.items():
+    for (name, bits, profile), results in rows.items():
         lines.append(
-            f"| {name} | {'32/32/32' if bits is None else f'{bits}/{bits}/8'} | "
+            f"| {name} |{f' {profile} |' if profiles else ''} {'32/32/32' if bits is None else f'{bits}/{bits}/8'} | "
             f"{_mean_spread([r['ap'] for r in results])} | {_mean_spread([r['ap50'] for r in results])} | {len(results)} |"
         )
     table = "\n".join(lines)
     elapsed = time.time() - start
-    command = "python benchmarks/method_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/method_table.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(table)
     print(f"{elapsed:.0f} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "method_table.json").write_text(json.dumps(
-        {"command": command, "seconds": elapsed, "rows": [{"method": k[0], "bits": k[1], "runs": v} for k, v in rows.items()]},
+        {"command": command, "seconds": elapsed, "rows": [{"method": k[0], "bits": k[1], "profile": k[2], "runs": v} for k, v in rows.items()]},
         indent=2))
     if args.write_docs:
         demo = DemoConfig()
         Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)
+        title = (f"Q-DETR ablation in miniature ({dataset})" if not profiles
+                 else f"The accuracy cost of deployability ({dataset})")
         section = (
-            "<!-- method-table:start -->\n"
-            f"## Q-DETR ablation in miniature ({dataset})\n\n"
+            f"<!-- {args.section}:start -->\n"
+            f"## {title}\n\n"
             f"{table}\n\n"
             f"COCO box AP in percent (pycocotools, IoU .50:.95, eval batch size 1) on the validation split; "
             f"mean ± sample standard deviation over seeds {args.seeds}"
@@ -193,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             + f". Model `{demo.model}` ({demo.model_overrides}) at {demo.image_size} px, float teacher trained for "
             f"{args.teacher_epochs} epochs on {args.train_images} images, every quantized run trained "
             f"{args.qat_epochs} epochs from it (lr {demo.qat_lr}, distillation weight {args.distill_weight}, tau 0.5). "
-            f"Wall time {elapsed / 60:.0f} min on 2 CPU cores.\n\n"
+            f"Wall time {elapsed / 60:.0f} min on 2 CPU cores"
+            + (" (runs that had finished in earlier invocations were read back: --reuse-finished)"
+               if any(r.get("reused") for runs in rows.values() for r in runs) else "")
+            + ".\n\n"
             f"Command:\n\n```\n{command}\n```\n"
-            "<!-- method-table:end -->"
+            f"<!-- {args.section}:end -->"
         )
-        _write_section(Path(args.write_docs), section)
+        _write_section(Path(args.write_docs), section, args.section)
     return 0
 
 

@@ -5,7 +5,8 @@ The top-level API, grouped by role:
 * quantization: :func:`quantize_model`, :class:`QuantConfig`, :func:`quant_summary`, :func:`calibrate`;
 * distillation: :class:`DistillationLoss`;
 * models: :func:`create_model`, :func:`list_models`, :func:`post_process_object_detection`;
-* model zoo: :func:`resolve_model` (any model source), :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`.
+* model zoo: :func:`resolve_model` (any model source), :func:`from_pretrained`, :func:`list_pretrained`, :func:`save_pretrained`;
+* deployment: :func:`export_onnx` (QDQ ONNX for integer kernels).
 
 Examples:
     >>> import torch
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names below, for type checkers and the API reference; imported lazily at run time
     from qdetr.distill import DistillationLoss
+    from qdetr.export import export_onnx
     from qdetr.models import create_model, list_models, post_process_object_detection
     from qdetr.quant import QuantConfig, calibrate, quant_summary, quantize_model
     from qdetr.zoo import from_pretrained, list_pretrained, resolve_model, save_pretrained
@@ -45,6 +47,7 @@ _EXPORTS = {
     "resolve_model": "qdetr.zoo",
     "list_pretrained": "qdetr.zoo",
     "save_pretrained": "qdetr.zoo",
+    "export_onnx": "qdetr.export",
 }
 
 
@@ -80,4 +83,6 @@ __all__ = [
     "from_pretrained",
     "list_pretrained",
     "save_pretrained",
+    # deployment
+    "export_onnx",
 ]

@@ -1,4 +1,4 @@
-"""The ``qdetr`` command line: ``train``, ``eval``, ``predict``, ``demo`` (and the zoo commands).
+"""The ``qdetr`` command line: ``train``, ``eval``, ``predict``, ``export``, ``demo`` (and the zoo commands).
 
 Examples::
 
@@ -9,9 +9,11 @@ Examples::
     qdetr train --output-dir runs/w4 --bits 4 --distill --float-checkpoint runs/float
     qdetr eval runs/w4 --images coco/val2017 --ann coco/annotations/instances_val2017.json
     qdetr predict runs/w4 img1.jpg img2.jpg --out predictions/
+    qdetr export runs/w4 model.onnx
+    qdetr predict model.onnx img1.jpg --out predictions-ort/ --backend onnxruntime
 
 Every argument that names a model (``--float-checkpoint``, ``--teacher``, ``eval MODEL``,
-``predict MODEL``) accepts a run folder, a ``save_pretrained`` folder, a model or checkpoint
+``predict MODEL``, ``export MODEL``) accepts a run folder, a ``save_pretrained`` folder, a model or checkpoint
 file, a release ``.pth``, a zoo name or a Hub id (:func:`qdetr.zoo.resolve_model`).
 
 argparse lives only here; the library takes dataclass configs.
@@ -76,12 +78,14 @@ def _add_eval(subparsers) -> None:
 
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="draw detections on images and write JSON")
-    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("model", help=_MODEL_HELP + "; with --backend onnxruntime, an exported .onnx file")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder (<image stem>.pred.png per image + predictions.json)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run (never an input image)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                   help="onnxruntime: MODEL is an exported .onnx file, run on CPU (qdetr export)")
 
 
 def _add_demo(subparsers) -> None:
@@ -95,6 +99,23 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a model as ONNX (quantized models as QDQ ONNX for integer kernels)",
+        description="MODEL is anything qdetr.zoo.resolve_model accepts (a run folder, a save_pretrained "
+        "folder, a model or checkpoint file, a release .pth, a zoo name or a Hub id). "
+        "Inputs pixel_values/pixel_mask, outputs pred_logits/pred_boxes.",
+    )
+    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("out", help="output .onnx file")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..21 (default 18)")
+    p.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="tensorrt: int8 activations with zero points 0 (needs a symmetric deploy model)")
+    p.add_argument("--static", type=int, nargs=2, metavar=("H", "W"),
+                   help="fix batch 1 and this image size instead of dynamic shapes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qdetr`` argument parser."""
     parser = argparse.ArgumentParser(prog="qdetr", description="Low-bit quantized DETR: train, evaluate, predict.")
@@ -104,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_predict(subparsers)
     _add_demo(subparsers)
+    _add_export(subparsers)
     try:
         from qdetr.zoo.commands import add_zoo_commands
     except ImportError:
@@ -207,7 +229,7 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     from qdetr.engine.predict import load_model_for_inference, predict_images
 
-    loaded = load_model_for_inference(args.model)
+    loaded = load_model_for_inference(args.model, backend=args.backend)
     records = predict_images(
         loaded, args.images, args.out, threshold=args.threshold, device=args.device, overwrite=args.overwrite
     )
@@ -225,7 +247,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo}
+def _cmd_export(args) -> int:
+    from qdetr.export import export_onnx
+    from qdetr.zoo import resolve_model
+
+    model = resolve_model(args.model)
+    options = {"opset": args.opset, "target": args.target}
+    if args.static:
+        options.update(dynamic=False, example_size=tuple(args.static))
+    path = export_onnx(model, args.out, metadata={"qdetr.model_name": str(args.model)}, **options)
+    print(f"wrote {path}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "export": _cmd_export}
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

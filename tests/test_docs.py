@@ -30,6 +30,7 @@ EXECUTED_PAGES = [
     "concepts/detr-family.md",
     "concepts/calibration.md",
     "concepts/distillation-overview.md",
+    "concepts/deploy-profile.md",
     "how-to/quantize-your-detector.md",
     "how-to/train-on-coco.md",
     "how-to/convert-release-checkpoints.md",
@@ -46,6 +47,7 @@ REFERENCE_PAGES = {
     "reference/data.md": "qdetr.data",
     "reference/engine.md": "qdetr.engine",
     "reference/ops.md": "qdetr.ops",
+    "reference/export.md": "qdetr.export",
 }
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")

@@ -24,7 +24,7 @@ import torch
 import qdetr
 from qdetr.quant import kernels
 
-PACKAGES = ["qdetr.quant", "qdetr.layers", "qdetr.distill", "qdetr.models", "qdetr.zoo", "qdetr.data", "qdetr.engine", "qdetr.ops"]
+PACKAGES = ["qdetr.quant", "qdetr.layers", "qdetr.distill", "qdetr.models", "qdetr.zoo", "qdetr.data", "qdetr.engine", "qdetr.ops", "qdetr.export"]
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

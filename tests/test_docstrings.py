@@ -1,7 +1,7 @@
 """Every public class and function of the public packages has a docstring.
 
 "Public" means listed in ``__all__`` of ``qdetr``, ``qdetr.quant``, ``qdetr.distill``,
-``qdetr.models``, ``qdetr.zoo``, ``qdetr.data`` or ``qdetr.engine``. Constants (tuples, dicts,
+``qdetr.models``, ``qdetr.zoo``, ``qdetr.data``, ``qdetr.engine`` or ``qdetr.export``. Constants (tuples, dicts,
 numbers) are documented by their module and are not checked here.
 """
 
@@ -12,7 +12,7 @@ import inspect
 
 import pytest
 
-PACKAGES = ["qdetr", "qdetr.quant", "qdetr.distill", "qdetr.models", "qdetr.zoo", "qdetr.data", "qdetr.engine", "qdetr.ops"]
+PACKAGES = ["qdetr", "qdetr.quant", "qdetr.distill", "qdetr.models", "qdetr.zoo", "qdetr.data", "qdetr.engine", "qdetr.ops", "qdetr.export"]
 
 
 def _public_callables(package_name: str) -> list[tuple[str, object]]:

@@ -53,7 +53,11 @@ __all__ = [
 #: Where each bit profile puts distribution alignment: ``(where, unbiased)``. The paper puts it
 #: on the co-attention (decoder cross-attention) query with the biased variance; the released
 #: checkpoints ("seed") on the decoder self-attention query with the unbiased variance.
-ALIGNMENT_BY_PROFILE: dict[str, tuple[str, bool]] = {"paper": ("cross", False), "seed": ("self", True)}
+ALIGNMENT_BY_PROFILE: dict[str, tuple[str, bool]] = {
+    "paper": ("cross", False),
+    "seed": ("self", True),
+    "deploy": ("cross", False),  # the paper's layers with integer-kernel numerics
+}
 
 _ATTENTION_NAMES = {
     # decoder cross-attention: facebookresearch/detr and qdetr / Hugging Face (DAB-DETR: cross_attn)

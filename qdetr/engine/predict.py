@@ -55,13 +55,18 @@ class LoadedModel:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
 
 
-def load_model_for_inference(source: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+def load_model_for_inference(
+    source: str | Path, map_location: str | torch.device = "cpu", *, backend: str = "pytorch"
+) -> LoadedModel:
     """Resolves ``source`` to a model (:func:`qdetr.zoo.resolve_model`) with its labels and preprocessing.
 
     Args:
         source: a run folder, a ``save_pretrained`` folder, a model or checkpoint file, a
-            release ``.pth``, a zoo name or a Hub id.
+            release ``.pth``, a zoo name or a Hub id; with ``backend="onnxruntime"``, an
+            exported ``.onnx`` file.
         map_location: device the model is loaded to.
+        backend: ``"pytorch"`` or ``"onnxruntime"`` (the model is a
+            :class:`qdetr.export.onnx_runtime.OnnxDetector` run on CPU).
 
     Returns:
         The model in eval mode with its categories and the preprocessing recorded with it
@@ -69,6 +74,7 @@ def load_model_for_inference(source: str | Path, map_location: str | torch.devic
 
     Raises:
         FileNotFoundError: when nothing loadable is at ``source`` (the message says what is missing).
+        ValueError: an unknown ``backend``, or an ``.onnx`` file with the PyTorch backend.
 
     Examples:
         >>> import tempfile
@@ -83,6 +89,14 @@ def load_model_for_inference(source: str | Path, map_location: str | torch.devic
         >>> loaded.preprocessing.shortest_edge, loaded.categories, loaded.model.training
         (64, {1: 'rectangle'}, False)
     """
+    if backend == "onnxruntime":
+        from qdetr.export.onnx_runtime import load_onnx_for_inference
+
+        return load_onnx_for_inference(source)
+    if backend != "pytorch":
+        raise ValueError(f"backend must be 'pytorch' or 'onnxruntime'; got {backend!r}")
+    if str(source).endswith(".onnx"):
+        raise ValueError(f"{source} is an ONNX file: load it with backend='onnxruntime' (CLI: --backend onnxruntime)")
     from qdetr.zoo.prediction import recorded_preprocessing
     from qdetr.zoo.resolve import resolve_model
 

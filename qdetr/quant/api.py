@@ -18,6 +18,7 @@ from qdetr.quant.policy import (
     plan_layer,
 )
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
+from qdetr.quant.residual_outputs import attach_residual_output_quantizers
 
 __all__ = ["quantize_model", "is_quantized", "REPORT_ATTR", "CONFIG_ATTR"]
 
@@ -96,7 +97,9 @@ def quantize_model(
     Swaps ``nn.Conv2d`` -> :class:`QuantConv2d`, ``nn.Linear`` -> :class:`QuantLinear`,
     ``nn.MultiheadAttention`` / :class:`qdetr.layers.MultiheadAttention` ->
     :class:`QuantMultiheadAttention`, and quantizes Hugging Face DETR-family attention in
-    place, following the profile (method.md section 4). Weight steps are initialised from
+    place, following the profile (method.md section 4; the ``"deploy"`` profile also puts
+    8-bit quantizers on the ResNet outputs that feed residual adds,
+    :mod:`qdetr.quant.residual_outputs`). Weight steps are initialised from
     the weights immediately; activation steps are calibrated on the first training batch
     or by :func:`qdetr.quant.calibrate`.
 
@@ -105,9 +108,10 @@ def quantize_model(
             transformers ``DetrForObjectDetection``, ...).
         bits: b in "W b / A b / Attn 8"; ignored when ``config`` is given.
         config: full configuration (bits, profile, overrides, keep_float, numerics).
-        profile: ``"paper"`` or ``"seed"``; ignored when ``config`` is given. The default is
-            the method as published; ``create_model("qdetr_...")`` / ``build_qdetr_smca``
-            default to ``"seed"`` because they rebuild the released checkpoints.
+        profile: ``"paper"``, ``"seed"`` or ``"deploy"`` (integer-kernel numerics); ignored when
+            ``config`` is given. The default is the method as published;
+            ``create_model("qdetr_...")`` / ``build_qdetr_smca`` default to ``"seed"`` because
+            they rebuild the released checkpoints.
 
     Returns:
         The same ``model`` object.
@@ -225,6 +229,9 @@ def quantize_model(
             if new is not module:
                 for path in paths[id(module)]:  # a module registered at several paths stays shared
                     _set_child(model, path, new)
+        if config.profile == "deploy":
+            for name in attach_residual_output_quantizers(model, config):
+                report[name] = f"quantized (residual output A{config.residual_bits})"
         # nn.TransformerEncoder may convert inputs to nested tensors for its fused fast path,
         # which the explicit attention path does not accept.
         for module in model.modules():

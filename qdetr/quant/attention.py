@@ -46,7 +46,7 @@ def _head_quantizers(module: nn.Module, bits: int, num_heads: int, spec: Attenti
     """Attach the four per-head quantizers (axis 1 of (B, h, L, ·) tensors)."""
     for name in ("q_quantizer", "k_quantizer", "v_quantizer"):
         setattr(module, name, LSQActQuantizer(bits, num_heads, axis=1, signed=True, config=spec.activation))
-    module.prob_quantizer = LSQActQuantizer(bits, num_heads, axis=1, signed=False, config=spec.activation)
+    module.prob_quantizer = LSQActQuantizer(bits, num_heads, axis=1, signed=spec.prob_signed, config=spec.activation)
 
 
 def _quantize_linear_child(

@@ -2,9 +2,9 @@
 
 * :class:`QuantizerConfig` says *how* one kind of quantizer computes (granularity, init rule,
   gradient-scale mode, zero-point init, signedness policy); see method.md section 3.5.
-* :class:`QuantConfig` says *what* is quantized: bit widths, the profile (``"paper"`` or
-  ``"seed"``, method.md section 4), per-name bit overrides for mixed precision and names
-  kept in float. It serialises to a versioned dict (``to_dict`` / ``from_dict``) that is
+* :class:`QuantConfig` says *what* is quantized: bit widths, the profile (``"paper"``,
+  ``"seed"`` (method.md section 4) or ``"deploy"``, integer-kernel numerics), per-name bit
+  overrides for mixed precision and names kept in float. It serialises to a versioned dict (``to_dict`` / ``from_dict``) that is
   stored in every saved model's ``config.json``.
 * :class:`LayerQuantSpec` and :class:`AttentionQuantSpec` are the resolved per-module plans
   that the profile produces and the ``from_float`` constructors consume.
@@ -28,8 +28,9 @@ __all__ = [
 
 #: Bit widths accepted for weights and activations.
 SUPPORTED_BITS = range(2, 9)
-#: Layer-selection profiles (method.md section 4).
-PROFILES = ("paper", "seed")
+#: Layer-selection profiles: ``"paper"`` and ``"seed"`` (method.md section 4), and ``"deploy"``
+#: (the paper's layers with numerics that map onto integer kernels; docs/concepts/deploy-profile.md).
+PROFILES = ("paper", "seed", "deploy")
 
 Signedness = Union[bool, Literal["auto"]]
 
@@ -166,6 +167,8 @@ class AttentionQuantSpec:
         out_weight_bits: bits of the output projection weight.
         out_input_bits: bits of the output projection input (the co-attended values).
         attn_bits: bits of q, k, v and the softmax probabilities (per head), or None.
+        prob_signed: use a signed range for the probabilities (symmetric deploy profile:
+            TensorRT's int8 has no unsigned 8-bit range).
         weight, activation: quantizer numerics.
 
     Raises:
@@ -186,6 +189,7 @@ class AttentionQuantSpec:
     out_weight_bits: int | None
     out_input_bits: int | None
     attn_bits: int | None
+    prob_signed: bool = False
     weight: QuantizerConfig = field(default_factory=QuantizerConfig)
     activation: QuantizerConfig = field(default_factory=QuantizerConfig)
 
@@ -212,9 +216,20 @@ class QuantConfig:
         act_bits: activation bit width if different from ``bits`` (default: ``bits``).
         attn_bits: bits of q, k, v and the softmax output inside attention (per head).
         stem_bits: bits of the first convolution (3 input channels), weights and input.
-        profile: ``"paper"`` (the paper's Q-FC everywhere) or ``"seed"`` (the layout of the
-            released Q-DETR checkpoints); see method.md section 4.
-        quantize_downsample: also quantize ResNet ``downsample`` 1x1 convs (float in both profiles).
+        profile: ``"paper"`` (the paper's Q-FC everywhere), ``"seed"`` (the layout of the
+            released Q-DETR checkpoints; method.md section 4) or ``"deploy"``: the paper's
+            layers with integer-kernel numerics (one activation step and one integer zero point
+            per tensor, weights per output channel, 8-bit residual downsample convs and 8-bit
+            quantizers on the ResNet outputs that feed residual adds); see
+            docs/concepts/deploy-profile.md. ``"deploy"`` sets ``activation.granularity`` to
+            ``"per_tensor"``.
+        residual_bits: ``"deploy"`` only: bits of the per-tensor quantizers on the ResNet outputs
+            that feed residual adds (``bn3``, the ``downsample`` norm, the stem norm), see
+            :mod:`qdetr.quant.residual_outputs`.
+        symmetric_activations: ``"deploy"`` only: every activation range is signed with its zero
+            point fixed at 0 (TensorRT's INT8 mode accepts nothing else).
+        quantize_downsample: also quantize ResNet ``downsample`` 1x1 convs at ``bits`` (float in the
+            paper and seed profiles, ``stem_bits`` in the deploy profile).
         overrides: ordered ``(glob, bits)`` pairs: modules whose qualified name matches the glob
             (``fnmatch`` syntax) get ``bits`` for weights and inputs (mixed precision). A dict
             is accepted and converted. The first matching rule wins.
@@ -229,6 +244,11 @@ class QuantConfig:
         >>> cfg = QuantConfig(bits=2, overrides={"backbone.*": 4}, keep_float=("*.linear2",))
         >>> QuantConfig.from_dict(cfg.to_dict()) == cfg
         True
+        >>> deploy = QuantConfig(bits=4, profile="deploy", symmetric_activations=True)
+        >>> deploy.activation.granularity, deploy.activation.learn_zero_point
+        ('per_tensor', False)
+        >>> QuantConfig.from_dict(deploy.to_dict()) == deploy
+        True
     """
 
     VERSION = 1
@@ -238,6 +258,8 @@ class QuantConfig:
     attn_bits: int = 8
     stem_bits: int = 8
     profile: str = "paper"
+    residual_bits: int = 8
+    symmetric_activations: bool = False
     quantize_downsample: bool = False
     overrides: tuple[tuple[str, int], ...] = ()
     keep_float: tuple[str, ...] = ()
@@ -250,6 +272,7 @@ class QuantConfig:
             check_bits(self.act_bits, "act_bits")
         check_bits(self.attn_bits, "attn_bits")
         check_bits(self.stem_bits, "stem_bits")
+        check_bits(self.residual_bits, "residual_bits")
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; choose one of {PROFILES}")
         overrides = self.overrides
@@ -272,6 +295,13 @@ class QuantConfig:
             object.__setattr__(self, "weight", QuantizerConfig(**self.weight))
         if isinstance(self.activation, dict):
             object.__setattr__(self, "activation", QuantizerConfig(**self.activation))
+        if self.symmetric_activations and self.profile != "deploy":
+            raise ValueError("symmetric_activations=True needs profile='deploy'")
+        if self.profile == "deploy":
+            activation = dataclasses.replace(self.activation, granularity="per_tensor")
+            if self.symmetric_activations:
+                activation = dataclasses.replace(activation, zero_point_init="zero", learn_zero_point=False)
+            object.__setattr__(self, "activation", activation)
 
     @property
     def activation_bits(self) -> int:

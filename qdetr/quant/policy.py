@@ -1,4 +1,4 @@
-"""Which layers get which bits: module roles and the ``"paper"`` / ``"seed"`` profiles.
+"""Which layers get which bits: module roles and the ``"paper"`` / ``"seed"`` / ``"deploy"`` profiles.
 
 The tables follow method.md section 4 ("W b / A b / Attn 8"):
 
@@ -19,6 +19,11 @@ cross-attention               all projections float  proj W b / A b, out W b / A
 q, k, v, softmax              A8 per head            A8 per head
 other Linear                  Wb / Ab                Wb / Ab
 ============================  =====================  ==================================
+
+The ``"deploy"`` profile selects the paper's layers, except that the residual ``downsample``
+convs are quantized at ``stem_bits`` (8) so that every ResNet conv runs on an integer kernel;
+its numerics (per-tensor activations, optionally symmetric) come from :class:`QuantConfig`.
+With ``symmetric_activations`` every input range, the probabilities' included, is signed.
 
 Roles are decided from module types and qualified names (``downsample``, ``input_proj``,
 ``class_embed``, ``multihead_attn``/``encoder_attn``, ...), which covers qdetr models,
@@ -54,6 +59,7 @@ Hugging Face DETR-family layers beyond the classic DETR (see docs/concepts/detr-
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -202,16 +208,30 @@ def plan_layer(role: Role, config: QuantConfig, bits_override: int | None = None
         (2, 2, False)
         >>> plan_layer("stem", QuantConfig(bits=2)).weight_bits
         8
+        >>> plan_layer("downsample", QuantConfig(bits=2, profile="deploy")).weight_bits   # 8-bit shortcut
+        8
+        >>> plan_layer("ffn_out", QuantConfig(bits=2, profile="deploy", symmetric_activations=True)).input_signed
+        True
     """
     b = bits_override if bits_override is not None else config.bits
     a = bits_override if bits_override is not None else config.activation_bits
     common = {"weight": config.weight, "activation": config.activation}
+    plan = _plan_layer(role, config, b, a, bits_override, common)
+    if isinstance(plan, LayerQuantSpec) and config.symmetric_activations:
+        plan = dataclasses.replace(plan, input_signed=True)
+    return plan
+
+
+def _plan_layer(role, config, b, a, bits_override, common) -> LayerQuantSpec | FloatReason:
     if role == "head":
         return FloatReason("prediction head / query / SMCA point predictor (float in every profile)")
     if role == "query_position":
         return FloatReason("query-position head on coordinates (float in every profile)")
     if role == "input_proj":
         return FloatReason("input_proj (float in every profile)")
+    if role == "downsample" and config.profile == "deploy" and not config.quantize_downsample:
+        db = bits_override if bits_override is not None else config.stem_bits
+        return LayerQuantSpec(weight_bits=db, input_bits=db, input_signed="auto", **common)
     if role == "downsample" and not config.quantize_downsample:
         return FloatReason("residual downsample (float; set quantize_downsample=True to quantize)")
     if role == "stem":
@@ -242,11 +262,18 @@ def plan_attention(role: Role, config: QuantConfig, bits_override: int | None = 
         (None, 8)
         >>> plan_attention("cross_attn", QuantConfig(bits=4)).proj_input_bits
         4
+        >>> plan_attention("cross_attn", QuantConfig(bits=4, profile="deploy")).activation.granularity
+        'per_tensor'
     """
     b = bits_override if bits_override is not None else config.bits
     a = bits_override if bits_override is not None else config.activation_bits
-    common = {"weight": config.weight, "activation": config.activation, "attn_bits": config.attn_bits}
-    if config.profile == "paper":
+    common = {
+        "weight": config.weight,
+        "activation": config.activation,
+        "attn_bits": config.attn_bits,
+        "prob_signed": config.symmetric_activations,
+    }
+    if config.profile in ("paper", "deploy"):
         return AttentionQuantSpec(proj_weight_bits=b, proj_input_bits=a, out_weight_bits=b, out_input_bits=a, **common)
     # seed profile
     if role == "cross_attn":

@@ -11,6 +11,7 @@ from qdetr.quant.attention import QuantMultiheadAttention
 from qdetr.quant.attention_adapters import find_attention_adapter
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
+from qdetr.quant.residual_outputs import OutputQuantizedBatchNorm2d
 
 __all__ = ["QuantSummary", "LayerSummary", "quant_summary"]
 
@@ -96,7 +97,8 @@ def quant_summary(model: nn.Module) -> QuantSummary:
 
     Returns:
         A :class:`QuantSummary`; ``print(summary)`` shows one row per Conv2d/Linear/attention
-        module with weight, input and attention bits (``s``/``u`` = signed/unsigned input,
+        module (and, in the deploy profile, one ``output`` row per residual output quantizer)
+        with weight, input and attention bits (``s``/``u`` = signed/unsigned input,
         ``?`` = not calibrated yet) and, for float layers, why they stayed float.
 
     Examples:
@@ -138,6 +140,10 @@ def quant_summary(model: nn.Module) -> QuantSummary:
             if attn == "fp" and w.startswith("fp") and status.startswith("quantized"):
                 status = "float"
             summary.layers.append(LayerSummary(name, "attention", w, a, attn, status))
+        elif isinstance(m, OutputQuantizedBatchNorm2d):
+            a = _bits(m.output_quantizer) + _sign(m.output_quantizer)
+            status = report.get(name, "quantized (output)")
+            summary.layers.append(LayerSummary(name, "output", "", a, "", status))
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
             if isinstance(m, (QuantConv2d, QuantLinear)):

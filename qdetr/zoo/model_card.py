@@ -159,11 +159,14 @@ def render_model_card(
     else:
         lines.append(f"A float {arch.get('arch', 'detr').upper()} detector (backbone {backbone}).")
     if bits is not None:
+        per_tensor = (quant.get("activation") or {}).get("granularity") == "per_tensor"
         lines += ["", "## Quantization", "",
                   f"- weights / activations: {bits} bits; attention q, k, v and softmax: {quant.get('attn_bits', 8)} "
-                  f"bits (per head); first convolution: {quant.get('stem_bits', 8)} bits",
+                  f"bits ({'per tensor' if per_tensor else 'per head'}); first convolution: "
+                  f"{quant.get('stem_bits', 8)} bits",
                   f"- profile: `{quant.get('profile')}`; weight steps per output channel, activation steps per "
-                  f"input channel ({(quant.get('weight') or {}).get('granularity', 'per_channel')})",
+                  f"{'tensor (integer-kernel numerics, exportable with `qdetr export`)' if per_tensor else 'input channel'} "
+                  f"({(quant.get('weight') or {}).get('granularity', 'per_channel')})",
                   "", "| modules | count | weights | inputs | attention q/k/v/softmax |", "|---|---|---|---|---|"]
         for row in quantization_table(model):
             lines.append(f"| `{row['modules']}` | {row['count']} | {row['weights']} | {row['inputs']} | "
@@ -186,8 +189,14 @@ def render_model_card(
         "",
         "Research on low-bit detection transformers and a starting point for integer deployment. "
         "**There is no speed-up from this checkpoint as is**: PyTorch runs it as a fake-quant float model. "
-        "Real latency and memory gains need integer kernels (per-input-channel activation steps must first "
-        "be folded into the weights or replaced by a per-tensor profile). The on-disk size is what shrinks.",
+        + (
+            "Its deploy-profile numerics map onto integer kernels: `qdetr export` writes QDQ ONNX that "
+            "onnxruntime runs with integer convolutions and matmuls."
+            if (quant.get("activation") or {}).get("granularity") == "per_tensor"
+            else "Real latency and memory gains need integer kernels (per-input-channel activation steps must "
+            "first be folded into the weights or replaced by the per-tensor deploy profile)."
+        )
+        + " The on-disk size is what shrinks.",
         "",
         "## Evaluation results",
         "",

@@ -109,7 +109,8 @@ def predict(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if preprocessing is None:
         preprocessing = recorded_preprocessing(model)
-    reference = next(model.parameters())
+    # A parameter-free wrapper (e.g. an onnxruntime session) takes float32 CPU inputs.
+    reference = next(model.parameters(), torch.empty(0))
     was_training = model.training
     model.eval()
     results: list[dict[str, torch.Tensor]] = []
