@@ -22,6 +22,7 @@ _STRINGS = ["seed", "proj_out", "resnet_tiny", "resnet50", "type1", "bireal", "t
 _CONTEXT = {
     "data.dataset": {"data.train_images": "a", "data.train_ann": "a.json", "data.val_images": "b", "data.val_ann": "b.json"},
     "quant.two_stage": {"quant.stage1_epochs": 1, "epochs": 2},
+    "quant.quantization.symmetric_activations": {"quant.quantization.profile": "deploy"},
 }
 _TUPLES = {
     "layers": (-2, -1), "overrides": (("backbone.*", 4),), "keep_float": ("class_embed*",),
