@@ -281,6 +281,25 @@ print(f"\\nsaved {OUT / 'results.json'}; tiny models trained for seconds: run `m
 (`distilled_student` is a qdetr model, so `qdetr.save_pretrained(distilled_student, "my-w4")` works here too)."""),
 ]
 
+#: The data cell of the Hugging Face notebooks (03, 05): synthetic shapes as COCO files, loaders and
+#: the conversion of qdetr targets to transformers labels.
+_HF_SYNTHETIC_DATA_CELL = """shapes = SyntheticShapesConfig(image_size=IMAGE_SIZE, max_objects=1, min_size_frac=0.35, max_size_frac=0.6,
+                               num_classes_used=2)
+train_ann = make_synthetic_coco(OUT / "data" / "train", TRAIN_IMAGES, config=shapes, seed=0)
+val_ann = make_synthetic_coco(OUT / "data" / "val", VAL_IMAGES, config=shapes, seed=0, first_index=TRAIN_IMAGES)
+sizes = TransformConfig(train_scales=(IMAGE_SIZE,), eval_size=IMAGE_SIZE, max_size=None, random_crop=False)
+train_set = CocoDetectionDataset(OUT / "data" / "train" / "images", train_ann, make_train_transforms(sizes))
+val_set = CocoDetectionDataset(OUT / "data" / "val" / "images", val_ann, make_eval_transforms(sizes))
+train_loader = DataLoader(train_set, batch_size=8, shuffle=True, collate_fn=collate_detection,
+                          generator=torch.Generator().manual_seed(0))
+val_loader = DataLoader(val_set, batch_size=1, collate_fn=collate_detection)
+calibration_batch = next(iter(train_loader))
+
+
+def hf_labels(targets):
+    \"\"\"qdetr targets -> Hugging Face labels (class ids and normalised cxcywh boxes).\"\"\"
+    return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]"""
+
 NOTEBOOKS["03_huggingface_detr.ipynb"] = [
     ("md", """# 3. Quantize and distill a Hugging Face `DetrForObjectDetection`
 
@@ -321,22 +340,7 @@ QAT_EPOCHS = 2
 BITS = 4
 _ = torch.manual_seed(0)"""),
     ("md", """## Data (the embedded synthetic shapes)"""),
-    ("code", """shapes = SyntheticShapesConfig(image_size=IMAGE_SIZE, max_objects=1, min_size_frac=0.35, max_size_frac=0.6,
-                               num_classes_used=2)
-train_ann = make_synthetic_coco(OUT / "data" / "train", TRAIN_IMAGES, config=shapes, seed=0)
-val_ann = make_synthetic_coco(OUT / "data" / "val", VAL_IMAGES, config=shapes, seed=0, first_index=TRAIN_IMAGES)
-sizes = TransformConfig(train_scales=(IMAGE_SIZE,), eval_size=IMAGE_SIZE, max_size=None, random_crop=False)
-train_set = CocoDetectionDataset(OUT / "data" / "train" / "images", train_ann, make_train_transforms(sizes))
-val_set = CocoDetectionDataset(OUT / "data" / "val" / "images", val_ann, make_eval_transforms(sizes))
-train_loader = DataLoader(train_set, batch_size=8, shuffle=True, collate_fn=collate_detection,
-                          generator=torch.Generator().manual_seed(0))
-val_loader = DataLoader(val_set, batch_size=1, collate_fn=collate_detection)
-calibration_batch = next(iter(train_loader))
-
-
-def hf_labels(targets):
-    \"\"\"qdetr targets -> Hugging Face DETR labels (class ids and normalised cxcywh boxes).\"\"\"
-    return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]"""),
+    ("code", _HF_SYNTHETIC_DATA_CELL),
     ("md", """## A small `DetrForObjectDetection`
 
 `num_labels` is the number of class ids (largest category id + 1); the logits have one more column, the
@@ -574,22 +578,7 @@ QAT_EPOCHS = 2
 BITS = 4
 _ = torch.manual_seed(0)"""),
     ("md", """## Data (the embedded synthetic shapes)"""),
-    ("code", """shapes = SyntheticShapesConfig(image_size=IMAGE_SIZE, max_objects=1, min_size_frac=0.35, max_size_frac=0.6,
-                               num_classes_used=2)
-train_ann = make_synthetic_coco(OUT / "data" / "train", TRAIN_IMAGES, config=shapes, seed=0)
-val_ann = make_synthetic_coco(OUT / "data" / "val", VAL_IMAGES, config=shapes, seed=0, first_index=TRAIN_IMAGES)
-sizes = TransformConfig(train_scales=(IMAGE_SIZE,), eval_size=IMAGE_SIZE, max_size=None, random_crop=False)
-train_set = CocoDetectionDataset(OUT / "data" / "train" / "images", train_ann, make_train_transforms(sizes))
-val_set = CocoDetectionDataset(OUT / "data" / "val" / "images", val_ann, make_eval_transforms(sizes))
-train_loader = DataLoader(train_set, batch_size=8, shuffle=True, collate_fn=collate_detection,
-                          generator=torch.Generator().manual_seed(0))
-val_loader = DataLoader(val_set, batch_size=1, collate_fn=collate_detection)
-calibration_batch = next(iter(train_loader))
-
-
-def hf_labels(targets):
-    \"\"\"qdetr targets -> Hugging Face labels (class ids and normalised cxcywh boxes).\"\"\"
-    return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]"""),
+    ("code", _HF_SYNTHETIC_DATA_CELL),
     ("md", """## A small `RTDetrForObjectDetection`
 
 A ResNet backbone with three output stages feeds the hybrid encoder; the decoder has 3 layers, 5 queries
