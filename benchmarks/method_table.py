@@ -73,9 +73,14 @@ def _coco_mini_sections(root: Path) -> dict:
 
 
 def _finished(output_dir: Path) -> dict | None:
-    """The result of a run that already finished in ``output_dir`` (model file + final eval), else None."""
-    model_path, log = output_dir / "model_final.pt", output_dir / "log.jsonl"
-    if not (model_path.is_file() and log.is_file()):
+    """The result of a run that already finished in ``output_dir`` (final model + final eval), else None."""
+    from qdetr.zoo.run_files import RUN_MODEL_DIR, LEGACY_MODEL_FILE
+
+    log = output_dir / "log.jsonl"
+    model_path = output_dir / RUN_MODEL_DIR
+    if not (model_path / "config.json").is_file():
+        model_path = output_dir / LEGACY_MODEL_FILE
+    if not (model_path.exists() and log.is_file()):
         return None
     evals = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "eval"]
     if not evals:

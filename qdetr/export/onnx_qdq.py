@@ -12,7 +12,11 @@ is first rewritten into its export form (:mod:`qdetr.export.qdq_modules`):
    right after the conv;
 3. in ResNet bottlenecks, the ReLUs in front of ``conv2``/``conv3`` (their only consumers) are
    folded into those convs' per-tensor input quantizers' clip (``Q(relu(x)) = max(Q(x), Q(0))``),
-   so ``Conv -> Q`` stays adjacent whatever the zero point;
+   so ``Conv -> Q`` stays adjacent whatever the zero point; in the stem (deploy profile) the
+   ReLU is folded into the stem's output quantizer and the max-pool reads integer codes
+   (``DQ -> MaxPool -> Q`` with one scale, which onnxruntime runs as a uint8 ``MaxPool``);
+4. for onnxruntime, each quantizer that reads a residual sum gets its own copy of the add
+   (:mod:`qdetr.export.integer_adds`), so every residual add runs as an integer ``QLinearAdd``;
 
 then traced with ``torch.onnx.export(dynamo=True)``. Opsets: 18 by default (the dynamo
 exporter's native opset; QDQ with per-axis scales needs 13, the 8-bit containers need
@@ -49,7 +53,7 @@ from qdetr.quant.api import is_quantized
 from qdetr.quant.attention import QuantMultiheadAttention
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
-from qdetr.quant.residual_outputs import OutputQuantizedBatchNorm2d
+from qdetr.quant.residual_outputs import IdentityQuantizedBottleneck, OutputQuantizedBatchNorm2d
 
 __all__ = ["export_onnx", "export_metadata", "ExportOptions", "to_export_form", "TARGETS", "OPSETS"]
 
@@ -58,6 +62,8 @@ TARGETS = {"onnxruntime": "uint8", "tensorrt": "int8"}
 #: ONNX opsets the exporter writes: 18 (the dynamo exporter's base) to 21.
 OPSETS = range(18, 22)
 INPUT_NAMES = ("pixel_values", "pixel_mask")
+#: Image sides the dynamic-shape graph is traced for (the backbone's stride is 32).
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 8192
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 
@@ -74,6 +80,9 @@ class ExportOptions:
         example_size: (H, W) of the example input used for tracing (any size works afterwards).
         fold_batch_norm: fold frozen batch norms into the quantized convs before them.
         fold_relu: fold ReLUs into the per-tensor quantizer that reads them.
+        integer_adds: ``"onnxruntime"`` target only: split residual adds read by several
+            quantizers so that each runs as an integer ``QLinearAdd`` (see
+            :mod:`qdetr.export.integer_adds`; same values, fewer float passes).
         dynamic: dynamic batch and image size (default). ``False`` fixes batch 1 and
             ``example_size``. With static shapes onnxruntime 1.32 first rewrites every
             MatMul + bias Add into a float ``Gemm`` (``MatMulAddFusion``) that its QDQ rules
@@ -97,6 +106,7 @@ class ExportOptions:
     example_size: tuple[int, int] = (64, 64)
     fold_batch_norm: bool = True
     fold_relu: bool = True
+    integer_adds: bool = True
     dynamic: bool = True
 
     def __post_init__(self) -> None:
@@ -145,6 +155,7 @@ class _ReluFoldedBottleneck(nn.Module):
         super().__init__()
         self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
         self.conv3, self.bn3, self.relu, self.downsample = block.conv3, block.bn3, block.relu, block.downsample
+        self.identity_quantizer = getattr(block, "identity_quantizer", None) or nn.Identity()
         self.fold2 = self._fold(self.conv2)
         self.fold3 = self._fold(self.conv3)
 
@@ -162,8 +173,37 @@ class _ReluFoldedBottleneck(nn.Module):
         out = self.bn2(self.conv2(out))
         out = out if self.fold3 else self.relu(out)
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = self.identity_quantizer(x) if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
+
+
+class _ReluFoldedStem(nn.Module):
+    """The stem's ``relu -> maxpool`` after a per-tensor output quantizer, on integer codes.
+
+    ``maxpool(relu(DQ(q))) = DQ(maxpool(max(q, z)))``: the ReLU becomes the quantizer's clip
+    (``fold_relu``) and a second, identical quantizer after the pool (exact: the pooled values
+    are already on its grid) gives onnxruntime ``DQ -> MaxPool -> Q`` with one scale.
+    """
+
+    def __init__(self, maxpool: nn.Module, quantizer: ExportActQuantizer) -> None:
+        super().__init__()
+        self.maxpool = maxpool
+        self.requantizer = copy.deepcopy(quantizer)
+        self.requantizer.fold_relu = False
+        quantizer.fold_relu = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.requantizer(self.maxpool(x))
+
+
+def _fold_stem_relu(model: nn.Module) -> None:
+    from qdetr.models.backbone import ResNetBody
+
+    for body in [m for m in model.modules() if isinstance(m, ResNetBody) and m.unit == "torchvision"]:
+        quantizer = body.bn1
+        if isinstance(quantizer, ExportActQuantizer) and quantizer.per_tensor and isinstance(body.relu, nn.ReLU):
+            body.maxpool = _ReluFoldedStem(body.maxpool, quantizer)
+            body.relu = nn.Identity()
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -217,6 +257,10 @@ def to_export_form(model: nn.Module, options: ExportOptions | None = None) -> nn
         elif isinstance(module, QuantLinear):
             replacements.append((name, ExportLinear(module, name, container)))
             handled.append(name)
+    for name, module in model.named_modules():
+        if isinstance(module, IdentityQuantizedBottleneck):
+            identity = _act_quantizer(module.identity_quantizer, f"{name}.identity_quantizer", container)
+            replacements.append((f"{name}.identity_quantizer", identity or nn.Identity()))
     for name, new in replacements:
         _replace(model, name, new)
     if options.fold_batch_norm:
@@ -238,11 +282,18 @@ def to_export_form(model: nn.Module, options: ExportOptions | None = None) -> nn
             "keep those layers float with QuantConfig(keep_float=...)"
         )
     if options.fold_relu:
-        blocks = [(n, m) for n, m in model.named_modules() if type(m) is Bottleneck]
+        blocks = [(n, m) for n, m in model.named_modules() if type(m) in (Bottleneck, IdentityQuantizedBottleneck)]
         for name, block in blocks:
             if isinstance(block.bn1, nn.Identity) and isinstance(block.bn2, nn.Identity):
                 _replace(model, name, _ReluFoldedBottleneck(block))
+        _fold_stem_relu(model)
     return model
+
+
+def _act_quantizer(quantizer: nn.Module, name: str, container: str) -> ExportActQuantizer | None:
+    if not isinstance(quantizer, LSQActQuantizer) or not quantizer.enabled:
+        return None
+    return ExportActQuantizer(quantizer, name, container)
 
 
 def _output_quantizer(bn: nn.Module, name: str, container: str) -> ExportActQuantizer | None:
@@ -259,7 +310,8 @@ def _dynamic_shapes():
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=1024)
-    return {"pixel_values": {0: batch, 2: Dim.AUTO, 3: Dim.AUTO}, "pixel_mask": {0: batch, 1: Dim.AUTO, 2: Dim.AUTO}}
+    height, width = Dim("height", min=MIN_IMAGE_SIDE, max=MAX_IMAGE_SIDE), Dim("width", min=MIN_IMAGE_SIDE, max=MAX_IMAGE_SIDE)
+    return {"pixel_values": {0: batch, 2: height, 3: width}, "pixel_mask": {0: batch, 1: height, 2: width}}
 
 
 def export_onnx(
@@ -330,7 +382,7 @@ def export_onnx(
         )
     with atomic_path(path) as tmp:
         program.save(str(tmp))
-        _write_metadata(tmp, {**export_metadata(model, options), **(metadata or {})})
+        _finish_graph(tmp, {**export_metadata(model, options), **(metadata or {})}, options)
     return path
 
 
@@ -370,10 +422,14 @@ def export_metadata(model: nn.Module, options: ExportOptions | None = None) -> d
     return meta
 
 
-def _write_metadata(path: Path, metadata: dict[str, str]) -> None:
+def _finish_graph(path: Path, metadata: dict[str, str], options: ExportOptions) -> None:
     import onnx
 
+    from qdetr.export.integer_adds import split_shared_integer_adds
+
     proto = onnx.load(str(path), load_external_data=False)
+    if options.integer_adds and options.target == "onnxruntime":
+        split_shared_integer_adds(proto)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -29,7 +29,10 @@ from qdetr.export.qdq_ops import CONTAINERS, dequantize_weight, quantize_dequant
 from qdetr.layers.attention import AttentionSlots, MultiheadAttention
 from qdetr.quant.quantizers import MIN_STEP, LSQActQuantizer, LSQWeightQuantizer
 
-__all__ = ["ExportError", "ExportActQuantizer", "ExportConv2d", "ExportLinear", "ExportMultiheadAttention"]
+#: Integer convs get their input channels padded with zeros to a multiple of this.
+INPUT_CHANNEL_MULTIPLE = 8
+
+__all__ = ["INPUT_CHANNEL_MULTIPLE", "ExportError", "ExportActQuantizer", "ExportConv2d", "ExportLinear", "ExportMultiheadAttention"]
 
 
 class ExportError(ValueError):
@@ -54,6 +57,8 @@ class ExportActQuantizer(nn.Module):
     Attributes:
         fold_relu: set when a ReLU directly before this quantizer has been removed; the lowest
             kept level becomes ``max(Qn, z)`` (``Q(relu(x)) = max(Q(x), Q(0))``).
+        output_factor: a constant the consumer multiplies by, folded into the dequantization
+            step (per tensor only; the attention's ``1/sqrt(d)`` on the query).
 
     Raises:
         ExportError: for an uncalibrated quantizer, or a zero point the container cannot hold.
@@ -87,6 +92,7 @@ class ExportActQuantizer(nn.Module):
         self.bits = quantizer.bits
         self.axis = quantizer.axis
         self.fold_relu = False
+        self.output_factor = 1.0
         scale = quantizer.scale.detach().float().clamp_min(MIN_STEP)
         zero = torch.round(quantizer.zero_point.detach().float())
         self.per_tensor = scale.numel() == 1
@@ -123,7 +129,8 @@ class ExportActQuantizer(nn.Module):
         if self.per_tensor:
             lo = max(self.qmin, self.zero_point) if self.fold_relu else self.qmin
             return quantize_dequantize(
-                x, self.scale, self.zero_point, lo, self.qmax, container=self.container, qmin=self.qmin
+                x, self.scale, self.zero_point, lo, self.qmax, container=self.container, qmin=self.qmin,
+                dequantize_scale=self.scale * self.output_factor,
             )
         axis = self.axis if self.axis >= 0 else x.dim() + self.axis
         shape = [1] * x.dim()
@@ -157,6 +164,29 @@ def _act(quantizer: nn.Module | None, name: str, container: str) -> ExportActQua
     return None if not quantizer.enabled else ExportActQuantizer(quantizer, name, container)
 
 
+def _is_resnet_stem(conv: nn.Conv2d) -> bool:
+    """A 7x7 stride-2 conv with padding 3 on a few input channels (the ResNet stem)."""
+    return (
+        conv.kernel_size == (7, 7) and conv.stride == (2, 2) and conv.padding == (3, 3)
+        and conv.dilation == (1, 1) and conv.groups == 1 and conv.in_channels <= 4
+    )
+
+
+def _stem_codes_space_to_depth(codes: torch.Tensor) -> torch.Tensor:
+    """(C_out, C, 7, 7) stride-2 codes -> (C_out, 4 C, 4, 4) stride-1 codes over 2x2 phases.
+
+    With the kernel shifted by one tap (``w8[1:, 1:] = w``), input pixel ``2 i + u' - 4`` is
+    cell ``i + m - 2``, phase ``b`` for ``u' = 2 m + b``: a 4x4 conv over 2x2 cells padded by 2
+    cells before and 1 after, with the same products (exact in integer arithmetic). Channel
+    ``(b_y * 2 + b_x) * C + c`` holds phase ``(b_y, b_x)`` of input channel ``c``.
+    """
+    c_out, c_in = codes.shape[:2]
+    w8 = codes.new_zeros(c_out, c_in, 8, 8)
+    w8[:, :, 1:, 1:] = codes
+    # (o, c, m_y, b_y, m_x, b_x) -> (o, b_y, b_x, c, m_y, m_x)
+    return w8.view(c_out, c_in, 4, 2, 4, 2).permute(0, 3, 5, 1, 2, 4).reshape(c_out, c_in * 4, 4, 4).contiguous()
+
+
 class ExportConv2d(nn.Module):
     """:class:`~qdetr.quant.QuantConv2d` as ``DQ(Q(x)), DQ(int8 W, axis 0) -> Conv``.
 
@@ -164,6 +194,17 @@ class ExportConv2d(nn.Module):
         conv: the quantized conv (or a float ``nn.Conv2d``, exported as it is).
         name: its qualified name.
         container: activation container (see :class:`ExportActQuantizer`).
+
+    Attributes:
+        space_to_depth: the ResNet stem (7x7, stride 2, 3 channels) runs as a 4x4 stride-1
+            conv over the input's 2x2 phases (12 channels; the same products, so exact):
+            onnxruntime's uint8 NHWC convolution runs it about twice as fast as the 3-channel
+            form (docs/performance.md).
+        input_channel_pad: zero channels appended to the input (and zero weight codes to the
+            weight) of an integer conv whose input channel count is not a multiple of
+            :data:`INPUT_CHANNEL_MULTIPLE` (the RGB stem): exact (a zero input quantizes to the
+            zero point and meets zero weights), as onnxruntime's uint8 NHWC convolution runs
+            faster on padded channels than on 3.
 
     Shapes:
         input: (B, C_in, H, W); output: (B, C_out, H', W').
@@ -195,6 +236,15 @@ class ExportConv2d(nn.Module):
             self.register_buffer("weight_float", conv.weight.detach().float().clone())
         bias = conv.bias.detach().float().clone() if conv.bias is not None else None
         self.register_buffer("bias", bias)
+        self.input_channel_pad = 0
+        self.space_to_depth = False
+        integer = self.weight_codes is not None and self.input_quantizer is not None and self.input_quantizer.per_tensor
+        if integer and _is_resnet_stem(conv):
+            self.space_to_depth = True
+            self.weight_codes = _stem_codes_space_to_depth(self.weight_codes)
+        elif integer and self.groups == 1 and conv.in_channels % INPUT_CHANNEL_MULTIPLE:
+            self.input_channel_pad = INPUT_CHANNEL_MULTIPLE - conv.in_channels % INPUT_CHANNEL_MULTIPLE
+            self.weight_codes = F.pad(self.weight_codes, (0, 0, 0, 0, 0, self.input_channel_pad))
 
     @torch.no_grad()
     def fold_batch_norm(self, bn: nn.Module) -> None:
@@ -229,6 +279,18 @@ class ExportConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W')."""
+        if self.space_to_depth:
+            # Zero padding before quantizing is the conv's own padding (0 quantizes to the zero
+            # point). The 2x2 phases are strided slices (a pixel_unshuffle would need even sizes,
+            # which a dynamic-shape export cannot assume), each of the conv's output size + 3.
+            h, w = x.shape[-2:]
+            rows, cols = (h - 1) // 2 + 4, (w - 1) // 2 + 4
+            x = F.pad(x, (4, 3, 4, 3))
+            phases = [x[..., dy : dy + 2 * rows - 1 : 2, dx : dx + 2 * cols - 1 : 2] for dy in (0, 1) for dx in (0, 1)]
+            x = self.input_quantizer(torch.cat(phases, dim=1))  # (B, 4 C_in, rows, cols)
+            return F.conv2d(x, self.quantized_weight(), self.bias)
+        if self.input_channel_pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.input_channel_pad))
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -349,6 +411,9 @@ class ExportMultiheadAttention(MultiheadAttention):
         for slot in ("q_quantizer", "k_quantizer", "v_quantizer", "prob_quantizer"):
             q = _act(getattr(attn, slot), f"{name}.{slot}", container)
             setattr(self, slot, q if q is not None else nn.Identity())
+        self.scale_folded = isinstance(self.q_quantizer, ExportActQuantizer) and self.q_quantizer.per_tensor
+        if self.scale_folded:
+            self.q_quantizer.output_factor = 1.0 / math.sqrt(self.head_dim)
         self.eval()
 
     def forward_with_values(
@@ -374,7 +439,9 @@ class ExportMultiheadAttention(MultiheadAttention):
         v = self.v_proj(value).view(bsz, src_len, h, d).transpose(1, 2)  # (B, h, S, d_h)
         q_hat, k_hat, v_hat = self.q_quantizer(self.q_align(q)), self.k_quantizer(k), self.v_quantizer(v)
         mask = self._merged_additive_mask(key_padding_mask, attn_mask, attn_bias, is_causal, bsz, tgt_len, src_len, q)
-        logits = torch.matmul(q_hat, k_hat.transpose(-2, -1)) * (1.0 / math.sqrt(d))  # (B, h, L, S)
+        logits = torch.matmul(q_hat, k_hat.transpose(-2, -1))  # (B, h, L, S)
+        if not self.scale_folded:  # else 1/sqrt(d) is in the query's dequantization step
+            logits = logits * (1.0 / math.sqrt(d))
         if mask is not None:
             logits = logits + mask
         probs = torch.softmax(logits, dim=-1)

@@ -25,14 +25,24 @@ CONTAINERS = {"uint8": (0, 255), "int8": (-128, 127)}
 
 @torch.library.custom_op("qdetr::quantize_dequantize", mutates_args=())
 def _quantize_dequantize_op(
-    x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int, container_offset: int, signed_container: bool
+    x: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    lo: int,
+    hi: int,
+    container_offset: int,
+    signed_container: bool,
+    dequantize_scale: float,
 ) -> torch.Tensor:
     s = torch.full((), scale, dtype=x.dtype, device=x.device)
-    return (torch.round(torch.div(x, s)).add_(zero_point).clamp_(lo, hi).sub_(zero_point)).mul_(s)
+    codes = torch.round(torch.div(x, s)).add_(zero_point).clamp_(lo, hi).sub_(zero_point)
+    if dequantize_scale == scale:
+        return codes.mul_(s)
+    return codes.mul_(torch.full((), dequantize_scale, dtype=x.dtype, device=x.device))
 
 
 @_quantize_dequantize_op.register_fake
-def _(x, scale, zero_point, lo, hi, container_offset, signed_container):
+def _(x, scale, zero_point, lo, hi, container_offset, signed_container, dequantize_scale):
     return torch.empty_like(x)
 
 
@@ -49,7 +59,15 @@ def _(codes, scale, axis):
 
 
 def quantize_dequantize(
-    x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int, *, container: str = "uint8", qmin: int | None = None
+    x: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    lo: int,
+    hi: int,
+    *,
+    container: str = "uint8",
+    qmin: int | None = None,
+    dequantize_scale: float | None = None,
 ) -> torch.Tensor:
     """Per-tensor fake-quant ``(clamp(round(x / s) + z, lo, hi) - z) * s`` that exports as Q -> Clip -> DQ.
 
@@ -61,6 +79,8 @@ def quantize_dequantize(
             preceding ReLU into the clip).
         container: ``"uint8"`` (codes stored as ``code - Qn``) or ``"int8"`` (codes as is).
         qmin: Qn, the lowest level of the range (default ``lo``); sets the uint8 offset.
+        dequantize_scale: the step of the DequantizeLinear (default ``scale``); another value
+            folds a constant factor of the consumer into it (``(codes - z) * s * c``).
 
     Returns:
         Tensor like ``x`` on the quantization grid.
@@ -73,7 +93,10 @@ def quantize_dequantize(
         raise ValueError(f"container must be one of {tuple(CONTAINERS)}; got {container!r}")
     qmin = lo if qmin is None else qmin
     offset = -qmin if container == "uint8" else 0
-    return torch.ops.qdetr.quantize_dequantize(x, float(scale), int(zero_point), int(lo), int(hi), offset, container == "int8")
+    dq_scale = float(scale) if dequantize_scale is None else float(dequantize_scale)
+    return torch.ops.qdetr.quantize_dequantize(
+        x, float(scale), int(zero_point), int(lo), int(hi), offset, container == "int8", dq_scale
+    )
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
@@ -114,7 +137,14 @@ def onnx_translations(opset: int) -> dict:
         return op.Constant(value=ir.tensor(np.array(value, np.int8 if signed else np.uint8)))
 
     def quantize_dequantize_onnx(
-        x, scale: float, zero_point: int, lo: int, hi: int, container_offset: int, signed_container: bool
+        x,
+        scale: float,
+        zero_point: int,
+        lo: int,
+        hi: int,
+        container_offset: int,
+        signed_container: bool,
+        dequantize_scale: float,
     ):
         s = op.Constant(value=ir.tensor(np.array(scale, np.float32)))
         zp = _const(zero_point + container_offset, signed_container)
@@ -123,6 +153,8 @@ def onnx_translations(opset: int) -> dict:
         lo_c, hi_c = lo + container_offset, hi + container_offset
         if lo_c > cmin or hi_c < cmax:
             q = op.Clip(q, _const(lo_c, signed_container), _const(hi_c, signed_container))
+        if dequantize_scale != scale:
+            s = op.Constant(value=ir.tensor(np.array(dequantize_scale, np.float32)))
         return op.DequantizeLinear(q, s, zp)
 
     def dequantize_weight_onnx(codes, scale, axis: int):

@@ -1,4 +1,4 @@
-"""8-bit quantizers on the ResNet outputs that feed residual adds (the deploy profile).
+"""8-bit quantizers on the ResNet tensors that meet at residual adds (the deploy profile).
 
 An integer conv kernel (onnxruntime's ``QLinearConv``, TensorRT's INT8 conv) writes integer
 outputs, so its output must be quantized right after the conv and its batch norm. In a
@@ -8,6 +8,15 @@ conv go to the residual add, and the stem's goes through ReLU and max-pool to tw
 The ``"deploy"`` profile gives these three a per-tensor signed quantizer of
 ``QuantConfig.residual_bits`` (8) bits, trained with the rest (QAT), so that the exported model
 computes exactly what was trained.
+
+The other input of a residual add, the identity of a bottleneck without ``downsample`` (the
+previous block's output), gets an unsigned per-tensor quantizer of the same width
+(:class:`IdentityQuantizedBottleneck`). With both inputs of the add integer, onnxruntime runs
+the add, and the ReLU after it, as one integer ``QLinearAdd`` per consumer, instead of
+dequantizing both inputs, adding and rectifying in float and quantizing again (about a third
+of the integer model's time at 800 px before this quantizer existed; docs/performance.md).
+The next block's ``conv1`` still reads the float sum through its own 4- or 2-bit quantizer, so
+the paper's activation bits are unchanged; only the skip path is rounded, to 8 bits.
 
 The quantizer is attached to the frozen batch norm after the conv (the conv's output *after*
 batch norm is what the integer kernel produces once the norm is folded into the weights):
@@ -25,7 +34,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from qdetr.quant.config import QuantConfig
 from qdetr.quant.quantizers import LSQActQuantizer
 
-__all__ = ["OutputQuantizedBatchNorm2d", "attach_residual_output_quantizers"]
+__all__ = ["OutputQuantizedBatchNorm2d", "IdentityQuantizedBottleneck", "attach_residual_output_quantizers"]
 
 
 class OutputQuantizedBatchNorm2d(FrozenBatchNorm2d):
@@ -81,6 +90,58 @@ class OutputQuantizedBatchNorm2d(FrozenBatchNorm2d):
         return bn
 
 
+class IdentityQuantizedBottleneck(Bottleneck):
+    """torchvision ``Bottleneck`` whose identity path (no ``downsample``) is fake-quantized.
+
+    ``out = relu(bn3(conv3(...)) + identity_quantizer(x))``; everything else is the parent's
+    forward. Build it with :meth:`from_bottleneck` (it takes over the block's children, so
+    parameter and buffer names are unchanged; the quantizer adds ``identity_quantizer.*``).
+
+    Shapes:
+        input and output: (B, C, H, W) with C = ``planes * 4``.
+
+    Examples:
+        >>> from qdetr.quant import QuantizerConfig
+        >>> block = Bottleneck(16, 4).eval()
+        >>> qblock = IdentityQuantizedBottleneck.from_bottleneck(
+        ...     block, bits=8, signed=False, config=QuantizerConfig(granularity="per_tensor"))
+        >>> x = torch.rand(2, 16, 6, 6)
+        >>> y = qblock.train()(x)                                   # calibrates on the first batch
+        >>> y.shape, qblock.identity_quantizer.bits, isinstance(qblock, Bottleneck)
+        (torch.Size([2, 16, 6, 6]), 8, True)
+    """
+
+    identity_quantizer: LSQActQuantizer
+
+    @classmethod
+    def from_bottleneck(cls, block: Bottleneck, bits: int, signed: bool, config) -> "IdentityQuantizedBottleneck":
+        """The same block (its children shared) with a ``bits``-bit per-tensor identity quantizer.
+
+        Raises:
+            ValueError: if the block has a ``downsample`` (its identity is the downsample conv's
+                output, quantized by that conv's norm instead).
+        """
+        if block.downsample is not None:
+            raise ValueError("a bottleneck with a downsample path quantizes its identity at the downsample norm")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in block.named_children():
+            setattr(new, name, child)
+        new.stride, new.downsample = block.stride, None
+        channels = block.conv1.in_channels
+        new.identity_quantizer = LSQActQuantizer(bits, channels, axis=1, signed=signed, config=config)
+        new.to(device=block.conv1.weight.device)
+        new.train(block.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): the bottleneck with a quantized skip path."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.identity_quantizer(x))
+
+
 def _quantized_conv(module: nn.Module | None) -> bool:
     from qdetr.quant.modules import QuantConv2d
 
@@ -91,8 +152,11 @@ def attach_residual_output_quantizers(model: nn.Module, config: QuantConfig) -> 
     """Give the residual-feeding outputs of quantized ResNet convs an output quantizer, in place.
 
     Targets, for torchvision-style ``Bottleneck`` blocks whose convs are quantized: ``bn3``
-    (after ``conv3``) and the batch norm of ``downsample`` (after its conv); for qdetr's
-    ``ResNetBody``: the stem's ``bn1``. Norms that are not ``FrozenBatchNorm2d`` are left alone.
+    (after ``conv3``) and the batch norm of ``downsample`` (after its conv), or, for a block
+    without ``downsample``, its identity path (the block becomes an
+    :class:`IdentityQuantizedBottleneck`; unsigned, or signed with ``symmetric_activations``);
+    for qdetr's ``ResNetBody``: the stem's ``bn1``. Norms that are not ``FrozenBatchNorm2d``
+    are left alone.
 
     Args:
         model: a model already processed by :func:`qdetr.quantize_model`.
@@ -118,6 +182,7 @@ def attach_residual_output_quantizers(model: nn.Module, config: QuantConfig) -> 
             attached.append(name)
 
     attached: list[str] = []
+    identity_blocks: list[tuple[str, Bottleneck]] = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, Bottleneck) and _quantized_conv(module.conv3):
@@ -125,6 +190,15 @@ def attach_residual_output_quantizers(model: nn.Module, config: QuantConfig) -> 
             down = module.downsample
             if isinstance(down, nn.Sequential) and len(down) == 2 and _quantized_conv(down[0]):
                 attach(down, "1", f"{prefix}downsample.1")
+            elif down is None and type(module) is Bottleneck and isinstance(module.bn3, OutputQuantizedBatchNorm2d):
+                identity_blocks.append((name, module))
         elif isinstance(module, ResNetBody) and _quantized_conv(module.conv1) and module.unit == "torchvision":
             attach(module, "bn1", f"{prefix}bn1")
+    signed = bool(config.symmetric_activations)
+    for name, block in identity_blocks:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = IdentityQuantizedBottleneck.from_bottleneck(block, config.residual_bits, signed, config.activation)
+        setattr(parent, leaf, new)
+        attached.append(f"{name}.identity_quantizer")
     return attached

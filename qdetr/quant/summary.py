@@ -11,7 +11,7 @@ from qdetr.quant.attention import QuantMultiheadAttention
 from qdetr.quant.attention_adapters import find_attention_adapter
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
-from qdetr.quant.residual_outputs import OutputQuantizedBatchNorm2d
+from qdetr.quant.residual_outputs import IdentityQuantizedBottleneck, OutputQuantizedBatchNorm2d
 
 __all__ = ["QuantSummary", "LayerSummary", "quant_summary"]
 
@@ -144,6 +144,10 @@ def quant_summary(model: nn.Module) -> QuantSummary:
             a = _bits(m.output_quantizer) + _sign(m.output_quantizer)
             status = report.get(name, "quantized (output)")
             summary.layers.append(LayerSummary(name, "output", "", a, "", status))
+        elif isinstance(m, IdentityQuantizedBottleneck):
+            qname = f"{name}.identity_quantizer"
+            a = _bits(m.identity_quantizer) + _sign(m.identity_quantizer)
+            summary.layers.append(LayerSummary(qname, "output", "", a, "", report.get(qname, "quantized (output)")))
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
             if isinstance(m, (QuantConv2d, QuantLinear)):

@@ -109,3 +109,71 @@ def test_deploy_model_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         expected, got = model(pixel_values, pixel_mask), loaded(pixel_values, pixel_mask)
     torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def deep_layout():
+    """A test layout with two bottlenecks in layer1 and layer4, so that identity paths exist."""
+    from qdetr.models.backbone import RESNET_LAYOUTS, ResNetLayout
+
+    RESNET_LAYOUTS["resnet_tiny_test_deep"] = ResNetLayout((2, 1, 1, 2), 8)
+    yield "resnet_tiny_test_deep"
+    del RESNET_LAYOUTS["resnet_tiny_test_deep"]
+
+
+def _deep_deploy_model(backbone, bits=4, **config):
+    torch.manual_seed(0)
+    return quantize_model(
+        qdetr.create_model("detr_tiny", backbone=backbone), config=QuantConfig(bits=bits, profile="deploy", **config)
+    )
+
+
+def test_identity_paths_get_8bit_quantizers(deep_layout):
+    from qdetr.quant.residual_outputs import IdentityQuantizedBottleneck
+
+    model = _deep_deploy_model(deep_layout).train()
+    body = model.backbone[0].body
+    blocks = [n for n, m in model.named_modules() if isinstance(m, IdentityQuantizedBottleneck)]
+    assert blocks == ["backbone.0.body.layer1.1", "backbone.0.body.layer4.1"]
+    assert type(body.layer1[0]).__name__ == "Bottleneck"  # has a downsample: quantized at its norm
+    quantizer = body.layer1[1].identity_quantizer
+    assert quantizer.bits == 8 and quantizer.num_channels == 1
+    assert "backbone.0.body.layer1.1.identity_quantizer.scale" in model.state_dict()
+    summary = {row.name: row for row in quant_summary(model).layers}
+    row = summary["backbone.0.body.layer1.1.identity_quantizer"]
+    assert row.kind == "output" and row.status == "quantized (residual output A8)"
+    pixel_values, pixel_mask = example_inputs(2)
+    out = model(pixel_values, pixel_mask)
+    (out["pred_logits"].square().mean() + out["pred_boxes"].sum()).backward()
+    assert not bool(quantizer.signed)  # the identity is a ReLU output
+    assert quantizer.scale.grad is not None and float(quantizer.scale.grad.abs()) > 0
+    symmetric = _deep_deploy_model(deep_layout, symmetric_activations=True)
+    assert symmetric.backbone[0].body.layer4[1].identity_quantizer.signed_mode is True
+
+
+def test_identity_quantized_block_forward_and_round_trip(deep_layout, tmp_path):
+    model = _deep_deploy_model(deep_layout, bits=3).eval()
+    pixel_values, pixel_mask = example_inputs(2)
+    model = qdetr.calibrate(model, [pixel_values])
+    block = model.backbone[0].body.layer1[1].double()
+    x = torch.rand(2, block.conv1.in_channels, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        branch = block.bn3(block.conv3(block.relu(block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))))))
+        torch.testing.assert_close(block(x), torch.relu(branch + block.identity_quantizer(x)), rtol=0, atol=0)
+    block.float()
+    model.save_pretrained(tmp_path)
+    loaded = qdetr.from_pretrained(tmp_path)
+    assert type(loaded.backbone[0].body.layer1[1]).__name__ == "IdentityQuantizedBottleneck"
+    with torch.no_grad():
+        expected, got = model(pixel_values, pixel_mask), loaded(pixel_values, pixel_mask)
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=1e-6)
+
+
+def test_identity_quantizer_needs_a_block_without_downsample():
+    from torchvision.models.resnet import Bottleneck
+
+    from qdetr.quant.residual_outputs import IdentityQuantizedBottleneck
+
+    block = Bottleneck(8, 4, downsample=torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1)))
+    with pytest.raises(ValueError, match="downsample"):
+        IdentityQuantizedBottleneck.from_bottleneck(block, 8, False, QuantConfig(profile="deploy").activation)
