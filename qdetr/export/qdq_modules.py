@@ -198,8 +198,8 @@ class ExportConv2d(nn.Module):
     Attributes:
         space_to_depth: the ResNet stem (7x7, stride 2, 3 channels) runs as a 4x4 stride-1
             conv over the input's 2x2 phases (12 channels; the same products, so exact):
-            onnxruntime's uint8 NHWC convolution runs it about twice as fast as the 3-channel
-            form (docs/performance.md).
+            onnxruntime's uint8 NHWC convolution runs it about three times as fast as the
+            3-channel form (docs/concepts/deploy-profile.md).
         input_channel_pad: zero channels appended to the input (and zero weight codes to the
             weight) of an integer conv whose input channel count is not a multiple of
             :data:`INPUT_CHANNEL_MULTIPLE` (the RGB stem): exact (a zero input quantizes to the
@@ -411,7 +411,10 @@ class ExportMultiheadAttention(MultiheadAttention):
         for slot in ("q_quantizer", "k_quantizer", "v_quantizer", "prob_quantizer"):
             q = _act(getattr(attn, slot), f"{name}.{slot}", container)
             setattr(self, slot, q if q is not None else nn.Identity())
-        self.scale_folded = isinstance(self.q_quantizer, ExportActQuantizer) and self.q_quantizer.per_tensor
+        # onnxruntime form only: TensorRT expects each Q/DQ pair to share its scale.
+        self.scale_folded = (
+            container == "uint8" and isinstance(self.q_quantizer, ExportActQuantizer) and self.q_quantizer.per_tensor
+        )
         if self.scale_folded:
             self.q_quantizer.output_factor = 1.0 / math.sqrt(self.head_dim)
         self.eval()
