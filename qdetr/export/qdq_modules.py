@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdetr.export.qdq_ops import CONTAINERS, dequantize_weight, quantize_dequantize
+from qdetr.export.qdq_ops import CONTAINERS, dequantize_codes, dequantize_weight, quantize_codes, quantize_dequantize
 from qdetr.layers.attention import AttentionSlots, MultiheadAttention
 from qdetr.quant.quantizers import MIN_STEP, LSQActQuantizer, LSQWeightQuantizer
 
@@ -140,6 +140,20 @@ class ExportActQuantizer(nn.Module):
             x = torch.relu(x)
         return (torch.round(x / s) + z).clamp(self.qmin, self.qmax).sub(z).mul(s)
 
+    @property
+    def container_zero_point(self) -> int:
+        """The zero point as stored in the container (``z - Qn`` for uint8); per tensor only."""
+        return self.zero_point - self.qmin if self.container == "uint8" else self.zero_point
+
+    def to_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The container codes of ``x`` (per tensor only): ``from_codes(to_codes(x)) == forward(x)``."""
+        lo = max(self.qmin, self.zero_point) if self.fold_relu else self.qmin
+        return quantize_codes(x, self.scale, self.zero_point, lo, self.qmax, container=self.container, qmin=self.qmin)
+
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """float32 values of container codes (padded or rearranged copies of :meth:`to_codes`'s)."""
+        return dequantize_codes(codes, self.scale * self.output_factor, self.container_zero_point)
+
     def extra_repr(self) -> str:
         kind = f"scale={self.scale:.4g}, zero_point={self.zero_point}" if self.per_tensor else "per_channel (float ops)"
         return f"{self.name}, bits={self.bits}, {kind}, container={self.container}, fold_relu={self.fold_relu}"
@@ -239,7 +253,7 @@ class ExportConv2d(nn.Module):
         self.input_channel_pad = 0
         self.space_to_depth = False
         integer = self.weight_codes is not None and self.input_quantizer is not None and self.input_quantizer.per_tensor
-        if integer and _is_resnet_stem(conv):
+        if integer and _is_resnet_stem(conv) and self.input_quantizer.output_factor == 1.0:
             self.space_to_depth = True
             self.weight_codes = _stem_codes_space_to_depth(self.weight_codes)
         elif integer and self.groups == 1 and conv.in_channels % INPUT_CHANNEL_MULTIPLE:
@@ -280,14 +294,15 @@ class ExportConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W')."""
         if self.space_to_depth:
-            # Zero padding before quantizing is the conv's own padding (0 quantizes to the zero
-            # point). The 2x2 phases are strided slices (a pixel_unshuffle would need even sizes,
-            # which a dynamic-shape export cannot assume), each of the conv's output size + 3.
+            # Quantize first, then gather on the 8-bit codes: the conv's zero padding is the
+            # zero point's code. The 2x2 phases are strided slices (a pixel_unshuffle would need
+            # even sizes, which a dynamic-shape export cannot assume), each of the conv's output
+            # size + 3.
             h, w = x.shape[-2:]
             rows, cols = (h - 1) // 2 + 4, (w - 1) // 2 + 4
-            x = F.pad(x, (4, 3, 4, 3))
-            phases = [x[..., dy : dy + 2 * rows - 1 : 2, dx : dx + 2 * cols - 1 : 2] for dy in (0, 1) for dx in (0, 1)]
-            x = self.input_quantizer(torch.cat(phases, dim=1))  # (B, 4 C_in, rows, cols)
+            codes = F.pad(self.input_quantizer.to_codes(x), (4, 3, 4, 3), value=self.input_quantizer.container_zero_point)
+            phases = [codes[..., dy : dy + 2 * rows - 1 : 2, dx : dx + 2 * cols - 1 : 2] for dy in (0, 1) for dx in (0, 1)]
+            x = self.input_quantizer.from_codes(torch.cat(phases, dim=1)).to(x.dtype)  # (B, 4 C_in, rows, cols)
             return F.conv2d(x, self.quantized_weight(), self.bias)
         if self.input_channel_pad:
             x = F.pad(x, (0, 0, 0, 0, 0, self.input_channel_pad))

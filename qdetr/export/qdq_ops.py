@@ -17,7 +17,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["quantize_dequantize", "dequantize_weight", "onnx_translations", "CONTAINERS"]
+__all__ = [
+    "quantize_dequantize",
+    "quantize_codes",
+    "dequantize_codes",
+    "dequantize_weight",
+    "onnx_translations",
+    "CONTAINERS",
+]
 
 #: Integer containers of the activation codes: ONNX element type, value range.
 CONTAINERS = {"uint8": (0, 255), "int8": (-128, 127)}
@@ -44,6 +51,32 @@ def _quantize_dequantize_op(
 @_quantize_dequantize_op.register_fake
 def _(x, scale, zero_point, lo, hi, container_offset, signed_container, dequantize_scale):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("qdetr::quantize_codes", mutates_args=())
+def _quantize_codes_op(
+    x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int, container_offset: int, signed_container: bool
+) -> torch.Tensor:
+    s = torch.full((), scale, dtype=x.dtype, device=x.device)
+    codes = torch.round(torch.div(x, s)).add_(zero_point).clamp_(lo, hi).add_(container_offset)
+    return codes.to(torch.int8 if signed_container else torch.uint8)
+
+
+@_quantize_codes_op.register_fake
+def _(x, scale, zero_point, lo, hi, container_offset, signed_container):
+    return torch.empty(x.shape, dtype=torch.int8 if signed_container else torch.uint8, device=x.device)
+
+
+@torch.library.custom_op("qdetr::dequantize_codes", mutates_args=())
+def _dequantize_codes_op(
+    codes: torch.Tensor, scale: float, container_zero_point: int, signed_container: bool
+) -> torch.Tensor:
+    return (codes.to(torch.float32) - container_zero_point) * scale
+
+
+@_dequantize_codes_op.register_fake
+def _(codes, scale, container_zero_point, signed_container):
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
 
 
 @torch.library.custom_op("qdetr::dequantize_weight", mutates_args=())
@@ -99,6 +132,46 @@ def quantize_dequantize(
     )
 
 
+def quantize_codes(
+    x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int, *, container: str = "uint8", qmin: int | None = None
+) -> torch.Tensor:
+    """The integer codes of :func:`quantize_dequantize` in their container (exports as Q -> Clip).
+
+    Args:
+        x, scale, zero_point, lo, hi, container, qmin: as :func:`quantize_dequantize`.
+
+    Returns:
+        uint8 (``code - Qn``) or int8 tensor shaped like ``x``; :func:`dequantize_codes` maps it
+        back to exactly what :func:`quantize_dequantize` returns (float32).
+
+    Examples:
+        >>> codes = quantize_codes(torch.tensor([-1.0, 0.26, 0.9]), 0.25, 0, -2, 1)
+        >>> codes, dequantize_codes(codes, 0.25, 2)
+        (tensor([0, 3, 3], dtype=torch.uint8), tensor([-0.5000,  0.2500,  0.2500]))
+    """
+    if container not in CONTAINERS:
+        raise ValueError(f"container must be one of {tuple(CONTAINERS)}; got {container!r}")
+    qmin = lo if qmin is None else qmin
+    offset = -qmin if container == "uint8" else 0
+    return torch.ops.qdetr.quantize_codes(x, float(scale), int(zero_point), int(lo), int(hi), offset, container == "int8")
+
+
+def dequantize_codes(codes: torch.Tensor, scale: float, container_zero_point: int) -> torch.Tensor:
+    """``(codes - zero point) * scale`` in float32 (exports as DequantizeLinear).
+
+    Args:
+        codes: uint8 / int8 codes from :func:`quantize_codes` (or padded / sliced copies).
+        scale: the step.
+        container_zero_point: the zero point as stored in the container (``z - Qn`` for uint8).
+
+    Examples:
+        >>> dequantize_codes(torch.tensor([0, 5], dtype=torch.uint8), 0.5, 1)
+        tensor([-0.5000,  2.0000])
+    """
+    signed = codes.dtype == torch.int8
+    return torch.ops.qdetr.dequantize_codes(codes, float(scale), int(container_zero_point), signed)
+
+
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
     """``codes * scale`` along ``axis``; exports as DequantizeLinear of an int8 initializer.
 
@@ -125,8 +198,9 @@ def onnx_translations(opset: int) -> dict:
         opset: the ONNX opset of the exported graph (the ops used exist from opset 13 on).
 
     Examples:
-        >>> sorted(str(k) for k in onnx_translations(18))
-        ['qdetr.dequantize_weight.default', 'qdetr.quantize_dequantize.default']
+        >>> sorted(str(k) for k in onnx_translations(18))  # doctest: +NORMALIZE_WHITESPACE
+        ['qdetr.dequantize_codes.default', 'qdetr.dequantize_weight.default',
+         'qdetr.quantize_codes.default', 'qdetr.quantize_dequantize.default']
     """
     import onnxscript
     from onnxscript import ir
@@ -157,10 +231,27 @@ def onnx_translations(opset: int) -> dict:
             s = op.Constant(value=ir.tensor(np.array(dequantize_scale, np.float32)))
         return op.DequantizeLinear(q, s, zp)
 
+    def quantize_codes_onnx(
+        x, scale: float, zero_point: int, lo: int, hi: int, container_offset: int, signed_container: bool
+    ):
+        s = op.Constant(value=ir.tensor(np.array(scale, np.float32)))
+        q = op.QuantizeLinear(x, s, _const(zero_point + container_offset, signed_container))
+        cmin, cmax = CONTAINERS["int8" if signed_container else "uint8"]
+        lo_c, hi_c = lo + container_offset, hi + container_offset
+        if lo_c > cmin or hi_c < cmax:
+            q = op.Clip(q, _const(lo_c, signed_container), _const(hi_c, signed_container))
+        return q
+
+    def dequantize_codes_onnx(codes, scale: float, container_zero_point: int, signed_container: bool):
+        s = op.Constant(value=ir.tensor(np.array(scale, np.float32)))
+        return op.DequantizeLinear(codes, s, _const(container_zero_point, signed_container))
+
     def dequantize_weight_onnx(codes, scale, axis: int):
         return op.DequantizeLinear(codes, scale, axis=axis)
 
     return {
         torch.ops.qdetr.quantize_dequantize.default: quantize_dequantize_onnx,
+        torch.ops.qdetr.quantize_codes.default: quantize_codes_onnx,
+        torch.ops.qdetr.dequantize_codes.default: dequantize_codes_onnx,
         torch.ops.qdetr.dequantize_weight.default: dequantize_weight_onnx,
     }
