@@ -9,8 +9,9 @@ Two workloads, both a torchvision ResNet-50 trunk + 1x1 input projection + a tra
 
 The quantized model is what a library user gets by default: ``quantize_model(model, bits=4,
 profile="paper")`` followed by an ordinary training loop (forward, backward, optimizer step),
-with no backend selected. ``--compiled`` adds the opt-in compiled kernels
-(``qdetr.quant.kernels.set_kernel_backend("compiled")``) as a third variant.
+with no backend selected (the native kernels of ``qdetr.quant.native_kernels`` where a C
+compiler works). ``--eager`` and ``--compiled`` add the PyTorch-operation kernels and the
+``torch.compile`` kernels (``qdetr.quant.kernels.set_kernel_backend(...)``) as further variants.
 
 Timing: after two warm-up steps per model, the float and quantized steps alternate
 (``--pairs`` pairs, the order flipped every pair) and each pair gives one ratio
@@ -28,7 +29,7 @@ Memory, per workload:
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_fake_quant.py [--workload detr sgd2] [--pairs 9]
-        [--size 256] [--threads 1] [--compiled] [--json]
+        [--size 256] [--threads 1] [--eager] [--compiled] [--json]
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ from torch import nn
 
 from qdetr.layers import MultiheadAttention
 from qdetr.quant import calibrate, quantize_model
-from qdetr.quant.kernels import set_kernel_backend
+from qdetr.quant.kernels import get_kernel_backend, set_kernel_backend
+
+#: The backend a library user gets without selecting one (read before any variant sets one).
+DEFAULT_BACKEND = get_kernel_backend()
+#: Quantized variants and their kernel backends.
+BACKENDS = {"w4a4": DEFAULT_BACKEND, "w4a4_eager": "eager", "w4a4_compiled": "compiled"}
 
 WORKLOADS = {
     "detr": {"layers": 6, "optimizer": "adamw"},
@@ -81,11 +87,11 @@ class DetrLikeWorkload(nn.Module):
 
 
 def build(variant: str, workload: str = "detr") -> nn.Module:
-    """``float_torch_mha``, ``float``, ``w4a4`` (library default) or ``w4a4_compiled``."""
+    """``float_torch_mha``, ``float``, ``w4a4`` (library default), ``w4a4_eager`` or ``w4a4_compiled``."""
     torch.manual_seed(0)
     model = DetrLikeWorkload(WORKLOADS[workload]["layers"], torch_attention=(variant == "float_torch_mha"))
     if variant.startswith("w4a4"):
-        set_kernel_backend("compiled" if variant == "w4a4_compiled" else "eager")
+        set_kernel_backend(BACKENDS[variant])
         quantize_model(model, bits=4, profile="paper")
     return model.train()
 
@@ -128,7 +134,7 @@ class Trainer:
         self.times: list[float] = []
 
     def step(self) -> float:
-        set_kernel_backend("compiled" if self.variant == "w4a4_compiled" else "eager")
+        set_kernel_backend(BACKENDS.get(self.variant, DEFAULT_BACKEND))
         start = self.clock()
         self.model(self.x).backward()
         self.opt.step()
@@ -162,7 +168,7 @@ def run_workload(workload: str, args) -> dict:
     torch.manual_seed(0)
     x = torch.randn(2, 3, args.size, args.size)
     clock = time.perf_counter if args.wall else time.process_time
-    variants = ["float", "w4a4"] + (["w4a4_compiled"] if args.compiled else [])
+    variants = ["float", "w4a4"] + (["w4a4_eager"] if args.eager else []) + (["w4a4_compiled"] if args.compiled else [])
     trainers = {v: Trainer(v, workload, x, clock) for v in variants}
     for t in trainers.values():  # warm-up (compiles the kernels of the compiled variant)
         for _ in range(2):
@@ -197,9 +203,14 @@ def report(result: dict, args) -> None:
         f"[{w}] ResNet-50 + {spec['layers']}+{spec['layers']} transformer d=256, {spec['optimizer']}, "
         f"batch 2x3x{args.size}x{args.size}, {args.threads} thread(s), {result['pairs']} alternating pairs"
     )
-    labels = {"float": "float (qdetr attention)", "w4a4": "W4A4 attn8, default", "w4a4_compiled": "W4A4 attn8, compiled"}
+    labels = {
+        "float": "float (qdetr attention)",
+        "w4a4": f"W4A4 attn8, default ({DEFAULT_BACKEND})",
+        "w4a4_eager": "W4A4 attn8, eager",
+        "w4a4_compiled": "W4A4 attn8, compiled",
+    }
     for v, e in result["variants"].items():
-        line = f"  {labels[v]:<26} step {e['step_s']:.3f} s  saved {e['saved_mib']:7.1f} MiB"
+        line = f"  {labels[v]:<30} step {e['step_s']:.3f} s  saved {e['saved_mib']:7.1f} MiB"
         if "peak_rss_mib" in e:
             line += f"  peak RSS {e['peak_rss_mib']:7.1f} MiB"
         print(line)
@@ -222,7 +233,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rss-runs", type=int, default=1, help="fresh processes per variant for peak RSS")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
-    parser.add_argument("--compiled", action="store_true", help="also time the opt-in compiled kernels")
+    parser.add_argument("--eager", action="store_true", help="also time the PyTorch-operation (eager) kernels")
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile kernels")
     parser.add_argument("--json", action="store_true", help="print one JSON line per workload")
     parser.add_argument("--wall", action="store_true", help="wall-clock step times instead of CPU time")
     args = parser.parse_args()
