@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from qdetr.quant.reusable_buffers import ReusableBuffers
+
 __all__ = ["native_kernels_available", "native_build_error"]
 
 _log = logging.getLogger(__name__)
@@ -205,6 +207,13 @@ _pool: dict = {}
 
 #: Tensors with fewer elements than this run in the calling thread whatever the thread count.
 PARALLEL_MIN_NUMEL = 1 << 16
+
+#: Memory for the forward outputs. ``QuantConv2d`` / ``QuantLinear`` keep neither x̂ nor ŵ:
+#: both live until the conv / linear that reads them returns and are recomputed for its
+#: backward, where they live for one autograd node. Three reusable buffers per thread (x̂ and
+#: ŵ at once, one spare) serve them without the page faults of fresh memory (see
+#: :mod:`qdetr.quant.reusable_buffers`); outputs that someone keeps get fresh memory.
+OUTPUTS = ReusableBuffers(max_buffers=3)
 
 
 def _compiler() -> str | None:
@@ -386,7 +395,7 @@ def act_forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qn: int, qp: 
         return None
     dims, (s1, z1) = layout
     zr = torch.round(z1)
-    out = torch.empty_like(x)
+    out = OUTPUTS.empty(x.shape, x.dtype)
     fn = getattr(lib, f"fq_act_fwd_{_SUFFIX[x.dtype]}")
     _run(fn, (x.data_ptr(), out.data_ptr(), s1.data_ptr(), zr.data_ptr()), dims, (float(qn), float(qp)), None)
     return out
@@ -419,7 +428,7 @@ def weight_forward(w: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.
     if lib is None:
         return None
     dims, (s1,) = layout
-    out = torch.empty_like(w)
+    out = OUTPUTS.empty(w.shape, w.dtype)
     fn = getattr(lib, f"fq_w_fwd_{_SUFFIX[w.dtype]}")
     _run(fn, (w.data_ptr(), out.data_ptr(), s1.data_ptr()), dims, (float(qn), float(qp)), None)
     return out
