@@ -72,6 +72,19 @@ def _operands(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x_hat, w_hat, recipes
 
 
+def _linear_views(x_hat: torch.Tensor, w_hat: torch.Tensor, recipes: dict) -> dict:
+    """``recipes`` plus the views ``F.linear`` saves instead of its operands: ``addmm`` / ``mm``
+    keep the input folded to (N, in_features) and the weight transposed, so those views get
+    recipes too (recomputed, then viewed the same way)."""
+    out = dict(recipes)
+    for t, fn in recipes.items():
+        if t is w_hat and t.dim() == 2:
+            out[t.t()] = lambda fn=fn: fn().t()
+        elif t is x_hat and t.dim() > 2 and t.is_contiguous():
+            out[t.view(-1, t.shape[-1])] = lambda fn=fn, n=t.shape[-1]: fn().view(-1, n)
+    return out
+
+
 def _describe(module: nn.Module) -> str:
     w = module.weight_quantizer.bits if module.weight_quantizer is not None else "fp"
     a = module.input_quantizer.bits if module.input_quantizer is not None else "fp"
@@ -132,7 +145,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) with quantized input and weight."""
         x_hat, w_hat, recipes = _operands(self, x)
-        with recompute_saved(recipes):
+        with recompute_saved(_linear_views(x_hat, w_hat, recipes)):
             return F.linear(x_hat, w_hat, self.bias)
 
     def extra_repr(self) -> str:
