@@ -127,6 +127,16 @@ void fq_act_bwd_##SUF(const T* x, const T* g, T* gx, const T* s, const T* zr, in
     }                                                                                        \
 }                                                                                            \
                                                                                              \
+void fq_act_finalize_##SUF(const double* acc, const T* s, const T* zr, int64_t C, T* gs, T* gz) { \
+    /* grad_s = sum(g * d) - round(z) * clipped, grad_z = -s * clipped, clipped = sum of g  \
+       over clipped elements = sum(g) - sum(g * inside) */                                   \
+    for (int64_t c = 0; c < C; ++c) {                                                        \
+        T clipped = (T)(acc[c] - acc[C + c]);                                                \
+        gs[c] = (T)acc[2 * C + c] - zr[c] * clipped;                                         \
+        gz[c] = -s[c] * clipped;                                                             \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
 void fq_w_fwd_##SUF(const T* w, T* out, const T* s, int64_t C, int64_t Q,                   \
                     int64_t r0, int64_t r1, T qn, T qp) {                                    \
     if (Q == 1) {                                                                            \
@@ -279,9 +289,10 @@ def _build(cache_dir: Path | None = None) -> ctypes.CDLL:
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         getattr(lib, f"fq_act_fwd_{suffix}").argtypes = [ptr] * 4 + [i64] * 4 + [real] * 2
         getattr(lib, f"fq_act_bwd_{suffix}").argtypes = [ptr] * 5 + [i64] * 4 + [real] * 2 + [ptr]
+        getattr(lib, f"fq_act_finalize_{suffix}").argtypes = [ptr] * 3 + [i64] + [ptr] * 2
         getattr(lib, f"fq_w_fwd_{suffix}").argtypes = [ptr] * 3 + [i64] * 4 + [real] * 2
         getattr(lib, f"fq_w_bwd_{suffix}").argtypes = [ptr] * 4 + [i64] * 4 + [real] * 2 + [ptr]
-        for kind in ("act_fwd", "act_bwd", "w_fwd", "w_bwd"):
+        for kind in ("act_fwd", "act_bwd", "act_finalize", "w_fwd", "w_bwd"):
             getattr(lib, f"fq_{kind}_{suffix}").restype = None
     return lib
 
@@ -326,35 +337,43 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 def _layout(big: list[torch.Tensor], small: list[torch.Tensor]):
     """``(P, C, Q)`` of the data tensors and the steps as contiguous (C,) tensors, or None where
     the native loops do not apply (non-CPU, other dtypes, non-contiguous, steps that do not
-    broadcast along exactly one axis, autograd recording, torch.compile tracing)."""
+    broadcast along exactly one axis, autograd recording, torch.compile tracing).
+
+    Called for every fake-quantization kernel: written for low per-call overhead."""
     ref = big[0]
-    if ref.device.type != "cpu" or ref.dtype not in _SUFFIX or torch.compiler.is_compiling():
+    dtype, shape = ref.dtype, ref.shape
+    if dtype not in _SUFFIX or ref.device.type != "cpu" or ref.numel() == 0:
         return None
-    if ref.numel() == 0:
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in big + small):
-        return None
-    if any(t.dtype != ref.dtype or t.device != ref.device for t in big + small):
-        return None
-    if any(t.shape != ref.shape or not t.is_contiguous() for t in big):
-        return None
+    grad_mode = torch.is_grad_enabled()
+    for t in big:
+        if t.dtype != dtype or t.shape != shape or not t.is_contiguous() or (grad_mode and t.requires_grad):
+            return None
     s = small[0]
-    if any(t.shape != s.shape for t in small) or s.dim() > ref.dim():
+    sshape = s.shape
+    for t in small:
+        if t.dtype != dtype or t.shape != sshape or t.device.type != "cpu" or (grad_mode and t.requires_grad):
+            return None
+    if torch.compiler.is_compiling():
         return None
-    sshape = (1,) * (ref.dim() - s.dim()) + tuple(s.shape)
-    axes = [i for i, n in enumerate(sshape) if n != 1]
-    if len(axes) > 1 or (axes and sshape[axes[0]] != ref.shape[axes[0]]):
+    ndim, sdim = len(shape), len(sshape)
+    if sdim > ndim:
         return None
-    if axes:
-        axis = axes[0]
-        pre = 1
-        for n in ref.shape[:axis]:
-            pre *= n
-        c = ref.shape[axis]
-        q = ref.numel() // max(pre * c, 1)
-    else:
-        pre, c, q = 1, 1, ref.numel()
-    return (pre, c, q), [t.reshape(-1).contiguous() for t in small]
+    axis = -1
+    for i in range(sdim):
+        if sshape[i] != 1:
+            if axis >= 0:
+                return None  # steps along two axes
+            axis = i + ndim - sdim
+            if sshape[i] != shape[axis]:
+                return None
+    numel = ref.numel()
+    if axis < 0:
+        return (1, 1, numel), [t.reshape(1) for t in small]
+    c = shape[axis]
+    pre = 1
+    for n in shape[:axis]:
+        pre *= n
+    return (pre, c, numel // (pre * c)), [t.reshape(c) if t.is_contiguous() else t.reshape(c).contiguous() for t in small]
 
 
 def _exact_range(qn: int, qp: int) -> bool:
@@ -411,13 +430,13 @@ def act_backward(x, s, z, grad, qn: int, qp: int, grad_in_place: bool):
     zr = torch.round(z1)
     grad_x = grad if grad_in_place else torch.empty_like(grad)
     acc = torch.zeros(3, dims[1], dtype=torch.float64)
-    fn = getattr(lib, f"fq_act_bwd_{_SUFFIX[x.dtype]}")
+    suffix = _SUFFIX[x.dtype]
     ptrs = (x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), s1.data_ptr(), zr.data_ptr())
-    _run(fn, ptrs, dims, (float(qn), float(qp)), acc)
-    sums = acc.to(x.dtype)
-    clipped_sum = (sums[0] - sums[1]).view(s.shape)
-    grad_s = sums[2].view(s.shape) - zr.view(s.shape) * clipped_sum
-    grad_z = -s * clipped_sum
+    _run(getattr(lib, f"fq_act_bwd_{suffix}"), ptrs, dims, (float(qn), float(qp)), acc)
+    grad_s, grad_z = torch.empty(s.shape, dtype=x.dtype), torch.empty(s.shape, dtype=x.dtype)
+    getattr(lib, f"fq_act_finalize_{suffix}")(
+        acc.data_ptr(), s1.data_ptr(), zr.data_ptr(), dims[1], grad_s.data_ptr(), grad_z.data_ptr()
+    )
     return grad_x, grad_s, grad_z
 
 
