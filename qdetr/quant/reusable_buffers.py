@@ -125,20 +125,23 @@ class ReusableBuffers:
         if numel < self.min_numel or not self.supported():
             return torch.empty(shape, dtype=dtype)
         buffers = self._buffers(dtype)
-        free = [i for i, (buf, base) in enumerate(buffers) if _use_count(buf) == base]
-        fits = [i for i in free if buffers[i][0].nbytes() >= numel * dtype.itemsize]
-        if fits:
-            buf = buffers[fits[0]][0]
-        elif free or len(buffers) < self.max_buffers:
+        nbytes = numel * dtype.itemsize
+        buf, smallest_free = None, None
+        for i, (candidate, base) in enumerate(buffers):
+            if _use_count(candidate) != base:
+                continue  # a live tensor uses it
+            if candidate.nbytes() >= nbytes:
+                buf = candidate
+                break
+            if smallest_free is None or candidate.nbytes() < buffers[smallest_free][0].nbytes():
+                smallest_free = i
+        if buf is None:
+            if smallest_free is None and len(buffers) >= self.max_buffers:
+                return torch.empty(shape, dtype=dtype)  # every buffer in use
             buf = torch.empty(numel, dtype=dtype).untyped_storage()
-            entry = (buf, 0)
-            if free:  # grow: replace the smallest free buffer (the larger ones stay)
-                buffers[min(free, key=lambda i: buffers[i][0].nbytes())] = entry
+            entry = (buf, _use_count(buf))  # the pool's own reference (the storage object)
+            if smallest_free is not None:  # grow: replace the smallest free buffer
+                buffers[smallest_free] = entry
             else:
                 buffers.append(entry)
-            # the pool's own references: the entry's storage object (and nothing else)
-            index = next(i for i, (b, _) in enumerate(buffers) if b is buf)
-            buffers[index] = (buf, _use_count(buf))
-        else:
-            return torch.empty(shape, dtype=dtype)
         return torch.empty(0, dtype=dtype).set_(buf, 0, tuple(shape))
