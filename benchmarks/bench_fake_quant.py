@@ -27,9 +27,14 @@ Memory, per workload:
 * ``peak RSS``: the peak resident memory (``VmHWM``) of a fresh process that builds the model
   and runs two training steps (median of ``--rss-runs`` processes).
 
+``--breakdown`` prints, instead, where the quantized step's extra time goes: the time spent
+inside each of the four fake-quantization kernels per step (default backend), and the
+quantized step with kernels that only copy their input into the same output buffers (no
+arithmetic), i.e. the overhead that is not the kernels' own work.
+
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_fake_quant.py [--workload detr sgd2] [--pairs 9]
-        [--size 256] [--threads 1] [--eager] [--compiled] [--json]
+        [--size 256] [--threads 1] [--eager] [--compiled] [--breakdown] [--json]
 """
 
 from __future__ import annotations
@@ -196,6 +201,70 @@ def run_workload(workload: str, args) -> dict:
     return result
 
 
+_KERNELS = ("weight_forward", "weight_backward", "act_forward", "act_backward")
+
+
+def _copy_kernels() -> dict:
+    """Stand-ins for the four kernels that only copy (forward, into the native kernels' output
+    buffers) or pass the gradient through."""
+    from qdetr.quant.native_kernels import OUTPUTS
+
+    return {
+        "weight_forward": lambda w, s, qn, qp: OUTPUTS.empty(w.shape, w.dtype).copy_(w),
+        "act_forward": lambda x, s, z, qn, qp: OUTPUTS.empty(x.shape, x.dtype).copy_(x),
+        "weight_backward": lambda w, s, g, qn, qp, grad_in_place=False: (g, torch.zeros_like(s)),
+        "act_backward": lambda x, s, z, g, qn, qp, grad_in_place=False: (g, torch.zeros_like(s), torch.zeros_like(z)),
+    }
+
+
+def breakdown(workload: str, args) -> None:
+    """Print kernel time per step and the step with copy-only kernels (see the module docstring)."""
+    from qdetr.quant import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, args.size, args.size)
+    trainers = {v: Trainer(v, workload, x, time.process_time) for v in ("float", "w4a4")}
+    real = {name: getattr(kernels, name) for name in _KERNELS}
+    spent = {name: 0.0 for name in _KERNELS}
+
+    def timed(name):
+        def run(*a, **k):
+            start = time.process_time()
+            out = real[name](*a, **k)
+            spent[name] += time.process_time() - start
+            return out
+
+        return run
+
+    modes = {"float": None, "quantized": {n: timed(n) for n in _KERNELS}, "copy-only kernels": _copy_kernels()}
+    times = {m: [] for m in modes}
+    try:
+        for i in range(args.pairs + 1):  # round 0 warms up
+            for mode, table in modes.items() if i % 2 else reversed(modes.items()):
+                if table is not None:
+                    for name, fn in table.items():
+                        setattr(kernels, name, fn)
+                if i == 1 and mode == "quantized":
+                    spent.update({n: 0.0 for n in _KERNELS})
+                elapsed = trainers["float" if table is None else "w4a4"].step()
+                if i:
+                    times[mode].append(elapsed)
+                for name, fn in real.items():
+                    setattr(kernels, name, fn)
+    finally:
+        for name, fn in real.items():
+            setattr(kernels, name, fn)
+    float_s = statistics.median(times["float"])
+    print(f"[{workload}] where the quantized step's time goes ({DEFAULT_BACKEND} kernels, {args.pairs} rounds, CPU time)")
+    for mode, t in times.items():
+        ratios = [a / b for a, b in zip(t, times["float"])]
+        print(f"  {mode:<18} step {statistics.median(t):.3f} s  ratio {statistics.median(ratios):.3f}x "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+    for name in _KERNELS:
+        per_step = spent[name] / args.pairs
+        print(f"  inside {name:<16} {per_step * 1e3:6.1f} ms per step = {per_step / float_s:.3f} of the float step")
+
+
 def report(result: dict, args) -> None:
     w = result["workload"]
     spec = WORKLOADS[w]
@@ -235,11 +304,15 @@ def main() -> None:
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--eager", action="store_true", help="also time the PyTorch-operation (eager) kernels")
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile kernels")
+    parser.add_argument("--breakdown", action="store_true", help="kernel time per step and the copy-only floor")
     parser.add_argument("--json", action="store_true", help="print one JSON line per workload")
     parser.add_argument("--wall", action="store_true", help="wall-clock step times instead of CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for workload in args.workload:
+        if args.breakdown:
+            breakdown(workload, args)
+            continue
         result = run_workload(workload, args)
         if args.json:
             print(json.dumps(result))

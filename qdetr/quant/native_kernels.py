@@ -220,10 +220,11 @@ PARALLEL_MIN_NUMEL = 1 << 16
 
 #: Memory for the forward outputs. ``QuantConv2d`` / ``QuantLinear`` keep neither x̂ nor ŵ:
 #: both live until the conv / linear that reads them returns and are recomputed for its
-#: backward, where they live for one autograd node. Three reusable buffers per thread (x̂ and
-#: ŵ at once, one spare) serve them without the page faults of fresh memory (see
-#: :mod:`qdetr.quant.reusable_buffers`); outputs that someone keeps get fresh memory.
-OUTPUTS = ReusableBuffers(max_buffers=3)
+#: backward, where they live for one autograd node. Reusable buffers per thread (x̂ and ŵ at
+#: once, in a few size classes: a buffer serves requests down to a quarter of its size) serve
+#: them without the page faults of fresh memory (see :mod:`qdetr.quant.reusable_buffers`);
+#: outputs that someone keeps get fresh memory.
+OUTPUTS = ReusableBuffers(max_buffers=6, max_oversize=4)
 
 
 def _compiler() -> str | None:

@@ -34,6 +34,8 @@ class ReusableBuffers:
         max_buffers: buffers kept per thread and dtype (each grows to the largest request).
         min_numel: requests below this size get a plain ``torch.empty`` (small allocations are
             recycled by the C allocator already).
+        max_oversize: a buffer serves a request only if it is at most this many times larger
+            (so a small tensor that someone keeps does not pin a large buffer).
 
     Shapes:
         ``empty(shape, dtype)`` returns a contiguous tensor of ``shape``.
@@ -51,22 +53,28 @@ class ReusableBuffers:
         (True, torch.Size([4, 3]), True)
     """
 
-    def __init__(self, max_buffers: int = 2, min_numel: int = 1 << 16) -> None:
+    def __init__(self, max_buffers: int = 2, min_numel: int = 1 << 16, max_oversize: int = 4) -> None:
         if max_buffers < 1:
             raise ValueError(f"max_buffers must be >= 1; got {max_buffers}")
+        if max_oversize < 1:
+            raise ValueError(f"max_oversize must be >= 1; got {max_oversize}")
         self.max_buffers = max_buffers
         self.min_numel = min_numel
+        self.max_oversize = max_oversize
         self._local = threading.local()
 
     def __getstate__(self) -> dict:
         # Copies (deepcopy, pickle) start empty: buffers are scratch memory, not state.
-        return {"max_buffers": self.max_buffers, "min_numel": self.min_numel}
+        return {"max_buffers": self.max_buffers, "min_numel": self.min_numel, "max_oversize": self.max_oversize}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
     def __repr__(self) -> str:
-        return f"ReusableBuffers(max_buffers={self.max_buffers}, min_numel={self.min_numel})"
+        return (
+            f"ReusableBuffers(max_buffers={self.max_buffers}, min_numel={self.min_numel}, "
+            f"max_oversize={self.max_oversize})"
+        )
 
     def clear(self) -> None:
         """Drop this thread's buffers (their memory returns once no tensor uses it).
@@ -130,9 +138,11 @@ class ReusableBuffers:
         for i, (candidate, base) in enumerate(buffers):
             if _use_count(candidate) != base:
                 continue  # a live tensor uses it
-            if candidate.nbytes() >= nbytes:
+            if nbytes <= candidate.nbytes() <= self.max_oversize * nbytes:
                 buf = candidate
                 break
+            if candidate.nbytes() > nbytes:
+                continue  # far too large: a small tensor that someone keeps would pin it
             if smallest_free is None or candidate.nbytes() < buffers[smallest_free][0].nbytes():
                 smallest_free = i
         if buf is None:
