@@ -91,3 +91,16 @@ def test_quantized_layers_recompute_both_operands_in_backward(layer, x, monkeypa
     ]
     for quantizer, out in calls:
         assert torch.equal(out, x_hat if quantizer is layer.input_quantizer else w_hat)
+
+
+def test_a_small_request_does_not_pin_a_large_buffer():
+    pool = ReusableBuffers(max_buffers=2, min_numel=1, max_oversize=4)
+    big = pool.empty((1000,), torch.float32)
+    big_ptr = big.data_ptr()
+    del big
+    small = pool.empty((100,), torch.float32)  # 10x smaller: its own buffer, the large one stays free
+    assert small.data_ptr() != big_ptr
+    quarter = pool.empty((250,), torch.float32)  # within 4x: served by the large buffer
+    assert quarter.data_ptr() == big_ptr
+    with pytest.raises(ValueError, match="max_oversize"):
+        ReusableBuffers(max_oversize=0)
