@@ -333,6 +333,7 @@ def native_build_error() -> str | None:
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _layout(big: list[torch.Tensor], small: list[torch.Tensor]):
@@ -349,12 +350,16 @@ def _layout(big: list[torch.Tensor], small: list[torch.Tensor]):
     for t in big:
         if t.dtype != dtype or t.shape != shape or not t.is_contiguous() or (grad_mode and t.requires_grad):
             return None
+        if type(t) not in _PLAIN_TENSORS:  # fake / functional tensors of torch.export and friends
+            return None
     s = small[0]
     sshape = s.shape
     for t in small:
         if t.dtype != dtype or t.shape != sshape or t.device.type != "cpu" or (grad_mode and t.requires_grad):
             return None
-    if torch.compiler.is_compiling():
+        if type(t) not in _PLAIN_TENSORS:
+            return None
+    if torch.compiler.is_compiling() or torch._C._is_tracing():  # tracers record aten ops, not C calls
         return None
     ndim, sdim = len(shape), len(sshape)
     if sdim > ndim:

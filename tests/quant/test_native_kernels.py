@@ -142,3 +142,20 @@ def test_build_is_cached_per_machine(tmp_path):
     assert len(built) == 1 and built[0].startswith("fake_quant-") and built[0].endswith(".so")
     assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == built  # reused, nothing left over
     assert first._name == second._name
+
+
+def test_traced_models_record_the_quantizer_not_a_constant():
+    """A traced quantized layer recomputes the quantizer on new inputs (no baked-in constant)."""
+    from torch import nn
+
+    from qdetr.quant.config import LayerQuantSpec
+    from qdetr.quant.modules import QuantLinear
+
+    torch.manual_seed(5)
+    layer = QuantLinear.from_float(nn.Linear(8, 4), LayerQuantSpec(weight_bits=4, input_bits=4, input_signed=True))
+    layer.train()(torch.randn(16, 8))  # calibrates
+    layer.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(16, 8), check_trace=False)
+        other = torch.randn(16, 8) * 2
+        assert torch.equal(traced(other), layer(other))
