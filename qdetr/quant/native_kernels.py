@@ -346,6 +346,8 @@ def _layout(big: list[torch.Tensor], small: list[torch.Tensor]):
     dtype, shape = ref.dtype, ref.shape
     if dtype not in _SUFFIX or ref.device.type != "cpu" or ref.numel() == 0:
         return None
+    if torch._C._is_tracing():  # torch.jit.trace records aten ops, not C calls
+        return None
     grad_mode = torch.is_grad_enabled()
     for t in big:
         if t.dtype != dtype or t.shape != shape or not t.is_contiguous() or (grad_mode and t.requires_grad):
@@ -359,7 +361,7 @@ def _layout(big: list[torch.Tensor], small: list[torch.Tensor]):
             return None
         if type(t) not in _PLAIN_TENSORS:
             return None
-    if torch.compiler.is_compiling() or torch._C._is_tracing():  # tracers record aten ops, not C calls
+    if torch.compiler.is_compiling():
         return None
     ndim, sdim = len(shape), len(sshape)
     if sdim > ndim:

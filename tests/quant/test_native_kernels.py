@@ -144,6 +144,7 @@ def test_build_is_cached_per_machine(tmp_path):
     assert first._name == second._name
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore::torch.jit.TracerWarning")
 def test_traced_models_record_the_quantizer_not_a_constant():
     """A traced quantized layer recomputes the quantizer on new inputs (no baked-in constant)."""
     from torch import nn
