@@ -4,7 +4,7 @@ The autograd functions of :mod:`qdetr.quant.primitives` call the four kernels be
 implementations exist:
 
 * ``"native"`` (default): on CPU, single-pass C loops (:mod:`qdetr.quant.native_kernels`),
-  built with the system C compiler on first use (well under a second, cached per machine):
+  built with the system C compiler on first use (about a second, cached per machine):
   one pass over memory in forward, one in backward, the input gradient written into the
   incoming gradient's memory where the caller allows it. Forward outputs and input / weight
   gradients are bit-identical to ``"eager"``; step-size and zero-point gradients are the same

@@ -17,8 +17,8 @@ another order (float64 accumulation).
 
 The C source is compiled once per machine, on first use, into
 ``<qdetr cache>/kernels/fake_quant-<hash>.so`` (``$QDETR_CACHE``, default ``~/.cache/qdetr``)
-and loaded with :mod:`ctypes`; building takes well under a second. Where no C compiler works
-the loader logs one line and the eager kernels are used. Only contiguous float32 / float64 CPU
+and loaded with :mod:`ctypes`; building takes about a second. Where no C compiler works the
+loader logs one line and the eager kernels are used. Only contiguous float32 / float64 CPU
 tensors whose steps broadcast along one channel axis take this path; everything else stays
 eager. With ``torch.get_num_threads() > 1`` large tensors are split across that many Python
 threads (the loops run without the GIL).
