@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 ## Benchmarks (print figures; see docs/performance.md): fake-quant step time and memory on
 ## both workloads, then the distillation step, as medians and ranges of alternating pairs.
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_fake_quant.py --pairs 9
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_fake_quant.py --pairs 9 --rss-runs 3
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_distill.py --repeats 9
 
 ## Install the declared minimum versions in a scratch venv and run a smoke subset (not part of `test`).

@@ -9,8 +9,9 @@ Two workloads, both a torchvision ResNet-50 trunk + 1x1 input projection + a tra
 
 The quantized model is what a library user gets by default: ``quantize_model(model, bits=4,
 profile="paper")`` followed by an ordinary training loop (forward, backward, optimizer step),
-with no backend selected. ``--compiled`` adds the opt-in compiled kernels
-(``qdetr.quant.kernels.set_kernel_backend("compiled")``) as a third variant.
+with no backend selected (the native kernels of ``qdetr.quant.native_kernels`` where a C
+compiler works). ``--eager`` and ``--compiled`` add the PyTorch-operation kernels and the
+``torch.compile`` kernels (``qdetr.quant.kernels.set_kernel_backend(...)``) as further variants.
 
 Timing: after two warm-up steps per model, the float and quantized steps alternate
 (``--pairs`` pairs, the order flipped every pair) and each pair gives one ratio
@@ -26,9 +27,14 @@ Memory, per workload:
 * ``peak RSS``: the peak resident memory (``VmHWM``) of a fresh process that builds the model
   and runs two training steps (median of ``--rss-runs`` processes).
 
+``--breakdown`` prints, instead, where the quantized step's extra time goes: the time spent
+inside each of the four fake-quantization kernels per step (default backend), and the
+quantized step with kernels that only copy their input into the same output buffers (no
+arithmetic), i.e. the overhead that is not the kernels' own work.
+
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_fake_quant.py [--workload detr sgd2] [--pairs 9]
-        [--size 256] [--threads 1] [--compiled] [--json]
+        [--size 256] [--threads 1] [--eager] [--compiled] [--breakdown] [--json]
 """
 
 from __future__ import annotations
@@ -46,7 +52,12 @@ from torch import nn
 
 from qdetr.layers import MultiheadAttention
 from qdetr.quant import calibrate, quantize_model
-from qdetr.quant.kernels import set_kernel_backend
+from qdetr.quant.kernels import get_kernel_backend, set_kernel_backend
+
+#: The backend a library user gets without selecting one (read before any variant sets one).
+DEFAULT_BACKEND = get_kernel_backend()
+#: Quantized variants and their kernel backends.
+BACKENDS = {"w4a4": DEFAULT_BACKEND, "w4a4_eager": "eager", "w4a4_compiled": "compiled"}
 
 WORKLOADS = {
     "detr": {"layers": 6, "optimizer": "adamw"},
@@ -81,11 +92,11 @@ class DetrLikeWorkload(nn.Module):
 
 
 def build(variant: str, workload: str = "detr") -> nn.Module:
-    """``float_torch_mha``, ``float``, ``w4a4`` (library default) or ``w4a4_compiled``."""
+    """``float_torch_mha``, ``float``, ``w4a4`` (library default), ``w4a4_eager`` or ``w4a4_compiled``."""
     torch.manual_seed(0)
     model = DetrLikeWorkload(WORKLOADS[workload]["layers"], torch_attention=(variant == "float_torch_mha"))
     if variant.startswith("w4a4"):
-        set_kernel_backend("compiled" if variant == "w4a4_compiled" else "eager")
+        set_kernel_backend(BACKENDS[variant])
         quantize_model(model, bits=4, profile="paper")
     return model.train()
 
@@ -128,7 +139,7 @@ class Trainer:
         self.times: list[float] = []
 
     def step(self) -> float:
-        set_kernel_backend("compiled" if self.variant == "w4a4_compiled" else "eager")
+        set_kernel_backend(BACKENDS.get(self.variant, DEFAULT_BACKEND))
         start = self.clock()
         self.model(self.x).backward()
         self.opt.step()
@@ -162,7 +173,7 @@ def run_workload(workload: str, args) -> dict:
     torch.manual_seed(0)
     x = torch.randn(2, 3, args.size, args.size)
     clock = time.perf_counter if args.wall else time.process_time
-    variants = ["float", "w4a4"] + (["w4a4_compiled"] if args.compiled else [])
+    variants = ["float", "w4a4"] + (["w4a4_eager"] if args.eager else []) + (["w4a4_compiled"] if args.compiled else [])
     trainers = {v: Trainer(v, workload, x, clock) for v in variants}
     for t in trainers.values():  # warm-up (compiles the kernels of the compiled variant)
         for _ in range(2):
@@ -190,6 +201,70 @@ def run_workload(workload: str, args) -> dict:
     return result
 
 
+_KERNELS = ("weight_forward", "weight_backward", "act_forward", "act_backward")
+
+
+def _copy_kernels() -> dict:
+    """Stand-ins for the four kernels that only copy (forward, into the native kernels' output
+    buffers) or pass the gradient through."""
+    from qdetr.quant.native_kernels import OUTPUTS
+
+    return {
+        "weight_forward": lambda w, s, qn, qp: OUTPUTS.empty(w.shape, w.dtype).copy_(w),
+        "act_forward": lambda x, s, z, qn, qp: OUTPUTS.empty(x.shape, x.dtype).copy_(x),
+        "weight_backward": lambda w, s, g, qn, qp, grad_in_place=False: (g, torch.zeros_like(s)),
+        "act_backward": lambda x, s, z, g, qn, qp, grad_in_place=False: (g, torch.zeros_like(s), torch.zeros_like(z)),
+    }
+
+
+def breakdown(workload: str, args) -> None:
+    """Print kernel time per step and the step with copy-only kernels (see the module docstring)."""
+    from qdetr.quant import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, args.size, args.size)
+    trainers = {v: Trainer(v, workload, x, time.process_time) for v in ("float", "w4a4")}
+    real = {name: getattr(kernels, name) for name in _KERNELS}
+    spent = {name: 0.0 for name in _KERNELS}
+
+    def timed(name):
+        def run(*a, **k):
+            start = time.process_time()
+            out = real[name](*a, **k)
+            spent[name] += time.process_time() - start
+            return out
+
+        return run
+
+    modes = {"float": None, "quantized": {n: timed(n) for n in _KERNELS}, "copy-only kernels": _copy_kernels()}
+    times = {m: [] for m in modes}
+    try:
+        for i in range(args.pairs + 1):  # round 0 warms up
+            for mode, table in modes.items() if i % 2 else reversed(modes.items()):
+                if table is not None:
+                    for name, fn in table.items():
+                        setattr(kernels, name, fn)
+                if i == 1 and mode == "quantized":
+                    spent.update({n: 0.0 for n in _KERNELS})
+                elapsed = trainers["float" if table is None else "w4a4"].step()
+                if i:
+                    times[mode].append(elapsed)
+                for name, fn in real.items():
+                    setattr(kernels, name, fn)
+    finally:
+        for name, fn in real.items():
+            setattr(kernels, name, fn)
+    float_s = statistics.median(times["float"])
+    print(f"[{workload}] where the quantized step's time goes ({DEFAULT_BACKEND} kernels, {args.pairs} rounds, CPU time)")
+    for mode, t in times.items():
+        ratios = [a / b for a, b in zip(t, times["float"])]
+        print(f"  {mode:<18} step {statistics.median(t):.3f} s  ratio {statistics.median(ratios):.3f}x "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+    for name in _KERNELS:
+        per_step = spent[name] / args.pairs
+        print(f"  inside {name:<16} {per_step * 1e3:6.1f} ms per step = {per_step / float_s:.3f} of the float step")
+
+
 def report(result: dict, args) -> None:
     w = result["workload"]
     spec = WORKLOADS[w]
@@ -197,9 +272,14 @@ def report(result: dict, args) -> None:
         f"[{w}] ResNet-50 + {spec['layers']}+{spec['layers']} transformer d=256, {spec['optimizer']}, "
         f"batch 2x3x{args.size}x{args.size}, {args.threads} thread(s), {result['pairs']} alternating pairs"
     )
-    labels = {"float": "float (qdetr attention)", "w4a4": "W4A4 attn8, default", "w4a4_compiled": "W4A4 attn8, compiled"}
+    labels = {
+        "float": "float (qdetr attention)",
+        "w4a4": f"W4A4 attn8, default ({DEFAULT_BACKEND})",
+        "w4a4_eager": "W4A4 attn8, eager",
+        "w4a4_compiled": "W4A4 attn8, compiled",
+    }
     for v, e in result["variants"].items():
-        line = f"  {labels[v]:<26} step {e['step_s']:.3f} s  saved {e['saved_mib']:7.1f} MiB"
+        line = f"  {labels[v]:<30} step {e['step_s']:.3f} s  saved {e['saved_mib']:7.1f} MiB"
         if "peak_rss_mib" in e:
             line += f"  peak RSS {e['peak_rss_mib']:7.1f} MiB"
         print(line)
@@ -222,12 +302,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rss-runs", type=int, default=1, help="fresh processes per variant for peak RSS")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
-    parser.add_argument("--compiled", action="store_true", help="also time the opt-in compiled kernels")
+    parser.add_argument("--eager", action="store_true", help="also time the PyTorch-operation (eager) kernels")
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile kernels")
+    parser.add_argument("--breakdown", action="store_true", help="kernel time per step and the copy-only floor")
     parser.add_argument("--json", action="store_true", help="print one JSON line per workload")
     parser.add_argument("--wall", action="store_true", help="wall-clock step times instead of CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for workload in args.workload:
+        if args.breakdown:
+            breakdown(workload, args)
+            continue
         result = run_workload(workload, args)
         if args.json:
             print(json.dumps(result))

@@ -243,10 +243,11 @@ class QATConfig:
         stage1_epochs: epochs of stage 1 (part of ``TrainConfig.epochs``).
         stage1_keep_float: module-name globs kept float in stage 1 (default: all but the
             backbone), added to ``quantization.keep_float``.
-        kernels: fake-quantization kernels (:mod:`qdetr.quant.kernels`): ``"compiled"`` (fused,
-            fastest per step, a few seconds of compilation at start), ``"eager"``, or ``"auto"``:
-            compiled for models with at least ``AUTO_COMPILED_MIN_PARAMS`` parameters, where
-            the compilation pays off, eager for small ones.
+        kernels: fake-quantization kernels (:mod:`qdetr.quant.kernels`): ``"native"`` (single-pass
+            C loops on CPU, eager elsewhere), ``"compiled"`` (``torch.compile``, a few seconds of
+            compilation at start), ``"eager"``, or ``"auto"``: compiled on CUDA for models with at
+            least ``AUTO_COMPILED_MIN_PARAMS`` parameters, where the compilation pays off, native
+            otherwise.
 
     Examples:
         >>> from qdetr.engine import QATConfig
@@ -267,7 +268,7 @@ class QATConfig:
     two_stage: bool = False
     stage1_epochs: int = 0
     stage1_keep_float: tuple[str, ...] = ("transformer*", "input_proj*", "class_embed*", "bbox_embed*")
-    kernels: Literal["auto", "eager", "compiled"] = "auto"
+    kernels: Literal["auto", "native", "eager", "compiled"] = "auto"
 
     #: ``kernels="auto"`` compiles the fake-quant kernels for models at least this large.
     AUTO_COMPILED_MIN_PARAMS = 5_000_000
@@ -275,8 +276,8 @@ class QATConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantization", _embedded(QuantConfig, self.quantization, "quant.quantization"))
         object.__setattr__(self, "stage1_keep_float", tuple(self.stage1_keep_float))
-        if self.kernels not in ("auto", "eager", "compiled"):
-            _fail(f"quant.kernels must be 'auto', 'eager' or 'compiled'; got {self.kernels!r}")
+        if self.kernels not in ("auto", "native", "eager", "compiled"):
+            _fail(f"quant.kernels must be 'auto', 'native', 'eager' or 'compiled'; got {self.kernels!r}")
         if self.calibration_batches < 1:
             _fail(f"quant.calibration_batches must be >= 1; got {self.calibration_batches}")
         if self.two_stage and self.quantization is None:

@@ -251,7 +251,7 @@ class Trainer:
         choice = self.config.quant.kernels
         if choice == "auto":
             big = sum(p.numel() for p in model.parameters()) >= self.config.quant.AUTO_COMPILED_MIN_PARAMS
-            choice = "compiled" if big else "eager"
+            choice = "compiled" if big and torch.device(self.ctx.device).type == "cuda" else "native"
         set_kernel_backend(choice)
 
     def _unfreeze_backbone(self, model: nn.Module) -> None:

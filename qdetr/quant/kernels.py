@@ -1,9 +1,17 @@
-"""Elementwise fake-quantization kernels, eager or compiled.
+"""Elementwise fake-quantization kernels: native, eager or compiled.
 
-The autograd functions of :mod:`qdetr.quant.primitives` call the four kernels below. Two
+The autograd functions of :mod:`qdetr.quant.primitives` call the four kernels below. Three
 implementations exist:
 
-* ``"eager"`` (default): PyTorch operations, in place on freshly allocated buffers, so a
+* ``"native"`` (default): on CPU, single-pass C loops (:mod:`qdetr.quant.native_kernels`),
+  built with the system C compiler on first use (about a second, cached per machine):
+  one pass over memory in forward, one in backward, the input gradient written into the
+  incoming gradient's memory where the caller allows it. Forward outputs and input / weight
+  gradients are bit-identical to ``"eager"``; step-size and zero-point gradients are the same
+  sums accumulated in float64, so they agree to float rounding. Tensors the loops do not cover
+  (CUDA, half precision, non-contiguous, steps on more than one axis) and every call when no
+  C compiler works (one log line says so) run the eager kernels.
+* ``"eager"``: PyTorch operations, in place on freshly allocated buffers, so a
   forward pass costs one allocation. The operations and their order match the closed form
   exactly. The straight-through masks are 0./1. tensors of the data's dtype, so every backward
   pass is a vectorized multiply. On CPU the backward of a large tensor runs blockwise
@@ -16,13 +24,13 @@ implementations exist:
   (dynamic shapes) into fused loops: one pass over memory in forward, two in backward.
   Forward outputs are bit-identical to ``"eager"``; step-size and zero-point gradients are
   sums whose order differs, so they agree to float rounding. The first call of each rank
-  costs a few seconds of compilation, which pays off in training runs. Select it with
-  :func:`set_kernel_backend` or the ``QDETR_QUANT_KERNELS=compiled`` environment variable.
-  If compilation fails (no C++ compiler, unsupported platform), qdetr warns once and falls
-  back to ``"eager"``.
+  costs a few seconds of compilation. On CPU it is slower than ``"native"`` (per-call
+  overhead, fresh output buffers); it is meant for CUDA. If compilation fails (no C++
+  compiler, unsupported platform), qdetr warns once and falls back to ``"eager"``.
 
-Inside a ``torch.compile`` region the eager formulas are always used (the outer compiler
-fuses them itself).
+Select a backend with :func:`set_kernel_backend` or the ``QDETR_QUANT_KERNELS`` environment
+variable. Inside a ``torch.compile`` region the eager formulas are always used (the outer
+compiler fuses them itself).
 """
 
 from __future__ import annotations
@@ -34,26 +42,28 @@ import warnings
 
 import torch
 
+from qdetr.quant import native_kernels
+
 __all__ = ["set_kernel_backend", "get_kernel_backend", "weight_forward", "weight_backward", "act_forward", "act_backward"]
 
-_BACKENDS = ("eager", "compiled")
-_state = {"backend": os.environ.get("QDETR_QUANT_KERNELS", "eager"), "compiled": None}
+_BACKENDS = ("native", "eager", "compiled")
+_state = {"backend": os.environ.get("QDETR_QUANT_KERNELS", "native"), "compiled": None}
 if _state["backend"] not in _BACKENDS:
     raise ValueError(f"QDETR_QUANT_KERNELS must be one of {_BACKENDS}; got {_state['backend']!r}")
 
 
 def set_kernel_backend(name: str) -> None:
-    """Choose ``"eager"`` or ``"compiled"`` fake-quantization kernels (see the module docstring).
+    """Choose ``"native"``, ``"eager"`` or ``"compiled"`` fake-quantization kernels (see the module docstring).
 
     Args:
-        name: ``"eager"`` or ``"compiled"``.
+        name: ``"native"`` (the default), ``"eager"`` or ``"compiled"``.
 
     Raises:
         ValueError: for any other name.
 
     Examples:
         >>> previous = get_kernel_backend()
-        >>> set_kernel_backend("eager")        # "compiled" is selected the same way
+        >>> set_kernel_backend("eager")        # "native" and "compiled" are selected the same way
         >>> get_kernel_backend()
         'eager'
         >>> set_kernel_backend(previous)
@@ -64,10 +74,10 @@ def set_kernel_backend(name: str) -> None:
 
 
 def get_kernel_backend() -> str:
-    """The active kernel backend, ``"eager"`` or ``"compiled"``.
+    """The active kernel backend, ``"native"``, ``"eager"`` or ``"compiled"``.
 
     Examples:
-        >>> get_kernel_backend() in ("eager", "compiled")
+        >>> get_kernel_backend() in ("native", "eager", "compiled")
         True
     """
     return _state["backend"]
@@ -330,7 +340,11 @@ def _compiled_call(name: str, big: list[torch.Tensor], small: list[torch.Tensor]
     return tuple(restored) if isinstance(out, tuple) else restored[0]
 
 
-def _dispatch(name: str, eager, big: list[torch.Tensor], small: list[torch.Tensor], ints: tuple, blocked=None):
+def _dispatch(name: str, eager, big: list[torch.Tensor], small: list[torch.Tensor], ints: tuple, blocked=None, native=None):
+    if _state["backend"] == "native" and native is not None:
+        out = native(*(big[:1] + small + big[1:]), *ints)
+        if out is not None:
+            return out
     if _state["backend"] == "compiled" and not torch.compiler.is_compiling():
         try:
             out = _compiled_call(name, big, small, ints)
@@ -367,7 +381,7 @@ def weight_forward(w, s, qn: int, qp: int):
         >>> weight_forward(torch.tensor([[0.26, -1.0, 9.0]]), torch.tensor([[0.5]]), -8, 7)
         tensor([[ 0.5000, -1.0000,  3.5000]])
     """
-    return _dispatch("weight_forward", _weight_forward_eager, [w], [s], (qn, qp))
+    return _dispatch("weight_forward", _weight_forward_eager, [w], [s], (qn, qp), native=native_kernels.weight_forward)
 
 
 def weight_backward(w, s, grad, qn: int, qp: int, *, grad_in_place: bool = False):
@@ -391,7 +405,8 @@ def weight_backward(w, s, grad, qn: int, qp: int, *, grad_in_place: bool = False
         (torch.Size([4, 3]), torch.Size([4, 1]))
     """
     blocked = functools.partial(_weight_backward_blocked, grad_in_place=grad_in_place)
-    return _dispatch("weight_backward", _weight_backward_eager, [w, grad], [s], (qn, qp), blocked)
+    native = functools.partial(native_kernels.weight_backward, grad_in_place=grad_in_place)
+    return _dispatch("weight_backward", _weight_backward_eager, [w, grad], [s], (qn, qp), blocked, native)
 
 
 def act_forward(x, s, z, qn: int, qp: int):
@@ -410,7 +425,7 @@ def act_forward(x, s, z, qn: int, qp: int):
         >>> act_forward(torch.tensor([0.3, 2.0, -1.0]), torch.tensor(0.25), torch.tensor(0.0), 0, 3)
         tensor([0.2500, 0.7500, 0.0000])
     """
-    return _dispatch("act_forward", _act_forward_eager, [x], [s, z], (qn, qp))
+    return _dispatch("act_forward", _act_forward_eager, [x], [s, z], (qn, qp), native=native_kernels.act_forward)
 
 
 def act_backward(x, s, z, grad, qn: int, qp: int, *, grad_in_place: bool = False):
@@ -434,4 +449,5 @@ def act_backward(x, s, z, grad, qn: int, qp: int, *, grad_in_place: bool = False
         (torch.Size([2, 5, 3]), torch.Size([1, 1, 3]), torch.Size([1, 1, 3]))
     """
     blocked = functools.partial(_act_backward_blocked, grad_in_place=grad_in_place)
-    return _dispatch("act_backward", _act_backward_eager, [x, grad], [s, z], (qn, qp), blocked)
+    native = functools.partial(native_kernels.act_backward, grad_in_place=grad_in_place)
+    return _dispatch("act_backward", _act_backward_eager, [x, grad], [s, z], (qn, qp), blocked, native)

@@ -49,11 +49,40 @@ def _attach_quantizers(module: nn.Module, spec: LayerQuantSpec, out_channels: in
     module.to(device=module.weight.device)
 
 
-def _operand_weight(module: nn.Module) -> torch.Tensor:
-    """The weight a forward pass multiplies with: ŵ, whose gradient the quantizer may reuse."""
-    if module.weight_quantizer is None:
-        return module.weight
-    return module.weight_quantizer(module.weight, grad_in_place=True)
+def _operands(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(x̂, ŵ, recipes)``: the operands a forward pass multiplies, and how to recompute the
+    quantized ones in backward instead of saving them (:func:`recompute_saved`).
+
+    x̂ and ŵ feed only the conv / linear call, whose backward gives them fresh gradients: the
+    quantizers may overwrite those in place (``grad_in_place``) instead of allocating. Neither
+    is kept for backward: x̂ is recomputed from ``x`` (kept anyway by the quantizer, and usually
+    by the layer before), ŵ from the weight, so a quantized layer holds no more memory for
+    backward than its float counterpart.
+    """
+    recipes = {}
+    x_hat, w_hat = x, module.weight
+    if module.input_quantizer is not None:
+        x_hat = module.input_quantizer(x, grad_in_place=True)
+        if x_hat is not x:
+            recipes[x_hat] = lambda: module.input_quantizer.recompute(x)
+    if module.weight_quantizer is not None:
+        w_hat = module.weight_quantizer(module.weight, grad_in_place=True)
+        if w_hat is not module.weight:
+            recipes[w_hat] = lambda: module.weight_quantizer.recompute(module.weight)
+    return x_hat, w_hat, recipes
+
+
+def _linear_views(x_hat: torch.Tensor, w_hat: torch.Tensor, recipes: dict) -> dict:
+    """``recipes`` plus the views ``F.linear`` saves instead of its operands: ``addmm`` / ``mm``
+    keep the input folded to (N, in_features) and the weight transposed, so those views get
+    recipes too (recomputed, then viewed the same way)."""
+    out = dict(recipes)
+    for t, fn in recipes.items():
+        if t is w_hat and t.dim() == 2:
+            out[t.t()] = lambda fn=fn: fn().t()
+        elif t is x_hat and t.dim() > 2 and t.is_contiguous():
+            out[t.view(-1, t.shape[-1])] = lambda fn=fn, n=t.shape[-1]: fn().view(-1, n)
+    return out
 
 
 def _describe(module: nn.Module) -> str:
@@ -115,13 +144,9 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) with quantized input and weight."""
-        # x̂ and ŵ feed only F.linear, whose backward gives them fresh gradients: the
-        # quantizers may overwrite those in place (grad_in_place) instead of allocating.
-        if self.input_quantizer is None:
-            return F.linear(x, _operand_weight(self), self.bias)
-        x_hat = self.input_quantizer(x, grad_in_place=True)
-        with recompute_saved({x_hat: lambda: self.input_quantizer.recompute(x)}):
-            return F.linear(x_hat, _operand_weight(self), self.bias)
+        x_hat, w_hat, recipes = _operands(self, x)
+        with recompute_saved(_linear_views(x_hat, w_hat, recipes)):
+            return F.linear(x_hat, w_hat, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self)}"
@@ -182,11 +207,9 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with quantized input and weight."""
-        if self.input_quantizer is None:
-            return self._conv_forward(x, _operand_weight(self), self.bias)
-        x_hat = self.input_quantizer(x, grad_in_place=True)  # see QuantLinear.forward
-        with recompute_saved({x_hat: lambda: self.input_quantizer.recompute(x)}):
-            return self._conv_forward(x_hat, _operand_weight(self), self.bias)
+        x_hat, w_hat, recipes = _operands(self, x)
+        with recompute_saved(recipes):
+            return self._conv_forward(x_hat, w_hat, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self)}"

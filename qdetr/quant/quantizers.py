@@ -226,6 +226,15 @@ class LSQWeightQuantizer(_QuantizerBase):
         )
         return out.to(weight.dtype)
 
+    def recompute(self, weight: torch.Tensor) -> torch.Tensor:
+        """The forward result for ``weight`` without autograd (recomputes ŵ dropped from the saved set).
+
+        Args:
+            weight: (C_out, ...) the weight the forward pass quantized.
+        """
+        with torch.no_grad():
+            return self(weight)
+
     @torch.no_grad()
     def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes ``W_int = clip(round(w / s), Qn, Qp)`` as int8; ``ŵ = s · W_int`` exactly.

@@ -206,6 +206,7 @@ def test_compiled_kernels_match_eager():
     w = torch.randn(6, 4, dtype=torch.float32, requires_grad=True)
     sw = (torch.rand(6, 1) * 0.3 + 0.05).requires_grad_(True)
     results = {}
+    previous = kernels.get_kernel_backend()
     for backend in ("eager", "compiled"):
         kernels.set_kernel_backend(backend)
         try:
@@ -217,7 +218,7 @@ def test_compiled_kernels_match_eager():
             for t in (s, z, w, sw):
                 t.grad = None
         finally:
-            kernels.set_kernel_backend("eager")
+            kernels.set_kernel_backend(previous)
     e, c = results["eager"], results["compiled"]
     for i in (0, 1, 2, 5):  # forwards and input/weight gradients: exact
         assert torch.equal(e[i], c[i])
@@ -228,10 +229,20 @@ def test_compiled_kernels_match_eager():
 
 
 # ----------------------------------------------------------------------------------------
-# The default (eager) kernels against the reference closed forms, on every code path:
-# whole-tensor kernels for small tensors and blocked CPU kernels (three tilings) for large
-# ones, per-channel steps on axis 0 / 1 / -1 and per-tensor steps, gradients written in
-# place or into a new tensor.
+# The default (native) and eager kernels against the reference closed forms, on every code
+# path: native single-pass loops; eager whole-tensor kernels for small tensors and blocked
+# CPU kernels (three tilings) for large ones; per-channel steps on axis 0 / 1 / -1 and
+# per-tensor steps, gradients written in place or into a new tensor.
+
+
+@pytest.fixture(params=["native", "eager"])
+def backend(request):
+    from qdetr.quant import kernels
+
+    previous = kernels.get_kernel_backend()
+    kernels.set_kernel_backend(request.param)
+    yield request.param
+    kernels.set_kernel_backend(previous)
 
 _LAYOUTS = {
     "conv_input_per_channel": ((3, 6, 7, 9), (1, 6, 1, 1)),  # (B, C, H, W), axis 1
@@ -253,7 +264,7 @@ def _reference_activation(x, s, z, qn, qp, g, upstream):
 @pytest.mark.parametrize("layout", sorted(_LAYOUTS))
 @pytest.mark.parametrize("block", [40, 1 << 18])  # 40: every blocked tiling; 1 << 18: whole-tensor kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_default_kernels_match_reference(layout, block, dtype, monkeypatch):
+def test_default_kernels_match_reference(layout, block, dtype, backend, monkeypatch):
     from qdetr.quant import kernels
 
     monkeypatch.setattr(kernels, "BLOCK_NUMEL", block)
@@ -288,8 +299,9 @@ def test_default_kernels_match_reference(layout, block, dtype, monkeypatch):
         w.grad = sw.grad = None
 
 
-def test_blocked_backward_writes_into_an_owned_gradient(monkeypatch):
-    """With grad_in_place the large-tensor CPU backward reuses the incoming gradient's memory."""
+def test_blocked_backward_writes_into_an_owned_gradient(backend, monkeypatch):
+    """With grad_in_place the CPU backward (native, or eager for large tensors) reuses the
+    incoming gradient's memory."""
     from qdetr.quant import kernels
 
     monkeypatch.setattr(kernels, "BLOCK_NUMEL", 64)
@@ -307,7 +319,7 @@ def test_blocked_backward_writes_into_an_owned_gradient(monkeypatch):
 
 
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
-def test_quantized_layers_match_unfused_reference(granularity, monkeypatch):
+def test_quantized_layers_match_unfused_reference(granularity, backend, monkeypatch):
     """QuantConv2d / QuantLinear (whose quantizers reuse gradients in place) give the same
     outputs and gradients as quantizer + float op composed by hand."""
     import torch.nn.functional as F
