@@ -165,6 +165,10 @@ def time_cell(targets: dict[str, object], size: int, batch: int, threads: int, r
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
+            # One untimed run after each switch: the previous variant's worker threads (onnxruntime's
+            # spinning pool threads, PyTorch's OpenMP threads) are still busy for a moment, which
+            # would otherwise be charged to whichever variant comes next.
+            run(pixel_values, pixel_mask)
             for _ in range(runs):
                 t0 = time.perf_counter()
                 run(pixel_values, pixel_mask)

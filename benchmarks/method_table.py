@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", nargs="+", default=["paper"], choices=("paper", "deploy"),
                         help="layer profiles each variant is trained with")
     parser.add_argument("--section", default="method-table", help="marked docs section to replace")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "native", "eager", "compiled"),
+                        help="fake-quant kernels of the quantized runs (quant.kernels); the step-size gradients "
+                        "of each are summed in another order, so runs land on slightly different weights")
     parser.add_argument("--reuse-finished", action="store_true",
                         help="read back runs whose folder already holds model_final.pt and a final eval")
     args = parser.parse_args(argv)
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             run_name = f"w{bits}_" + name.strip("+ ").split(" ")[0].lower()
             run_name += "" if profile == "paper" else f"_{profile}"
-            quant = {"bits": bits, "float_checkpoint": teacher["model_path"]}
+            quant = {"bits": bits, "float_checkpoint": teacher["model_path"], "kernels": args.kernels}
             if profile != "paper":
                 quant["profile"] = profile
             cfg = _config(

@@ -73,20 +73,37 @@ def gaussian_prior(
     Returns:
         (B, h, Q, S) additive attention-logit bias.
     """
-    # x and y apart, each (Q, B, h, 1) against (S,): broadcasts over a contiguous last axis
-    # (a trailing axis of 2 makes an exported graph's elementwise ops several times slower).
-    dx2 = (centres_xy[..., 0:1] - grid_xy[:, 0]).pow(2)  # (Q, B, h, S)
-    dy2 = (centres_xy[..., 1:2] - grid_xy[:, 1]).pow(2)
-    if dynamic_scale == "type1":
-        dist = dx2 + dy2
+    training = torch.is_grad_enabled() and (centres_xy.requires_grad or (scales is not None and scales.requires_grad))
+    if training:
+        # The original implementation's form (a trailing (x, y) axis): the same values as below,
+        # and its backward sums in the order training has always used.
+        diff2 = (centres_xy.unsqueeze(3) - grid_xy).pow(2)  # (Q, B, h, S, 2)
+        if dynamic_scale == "type1":
+            dist = diff2.sum(-1)
+        else:
+            s2 = (scales * scales).unsqueeze(3)  # (Q, B, h, 1, k)
+            if dynamic_scale == "type2":
+                dist = diff2.sum(-1) * s2[..., 0]
+            elif dynamic_scale == "type3":
+                dist = (diff2 * s2).sum(-1)
+            else:  # type4: s_x² dx² + s_y² dy² + s_xy² dx² dy²
+                dist = (torch.cat([diff2, diff2.prod(dim=-1, keepdim=True)], dim=-1) * s2).sum(-1)
     else:
-        s2 = scales * scales  # (Q, B, h, k)
-        if dynamic_scale == "type2":
-            dist = (dx2 + dy2) * s2[..., 0:1]
-        elif dynamic_scale == "type3":
-            dist = dx2 * s2[..., 0:1] + dy2 * s2[..., 1:2]
-        else:  # type4: s_x² dx² + s_y² dy² + s_xy² dx² dy²
-            dist = dx2 * s2[..., 0:1] + dy2 * s2[..., 1:2] + (dx2 * dy2) * s2[..., 2:3]
+        # Inference and export: x and y apart, each (Q, B, h, 1) against (S,), bit for bit the
+        # same values; an exported graph's elementwise ops then broadcast over a contiguous last
+        # axis instead of a trailing axis of 2 (several times faster in onnxruntime).
+        dx2 = (centres_xy[..., 0:1] - grid_xy[:, 0]).pow(2)  # (Q, B, h, S)
+        dy2 = (centres_xy[..., 1:2] - grid_xy[:, 1]).pow(2)
+        if dynamic_scale == "type1":
+            dist = dx2 + dy2
+        else:
+            s2 = scales * scales  # (Q, B, h, k)
+            if dynamic_scale == "type2":
+                dist = (dx2 + dy2) * s2[..., 0:1]
+            elif dynamic_scale == "type3":
+                dist = dx2 * s2[..., 0:1] + dy2 * s2[..., 1:2]
+            else:
+                dist = dx2 * s2[..., 0:1] + dy2 * s2[..., 1:2] + (dx2 * dy2) * s2[..., 2:3]
     gaussian = -dist.abs() / smooth  # (Q, B, h, S)
     return gaussian.permute(1, 2, 0, 3)
 
