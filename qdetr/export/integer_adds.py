@@ -19,8 +19,6 @@ import numpy as np
 
 __all__ = ["split_shared_integer_adds"]
 
-_CONTAINER_MIN = {2: 0, 3: -128}  # onnx TensorProto.UINT8, INT8
-
 
 def _constants(graph) -> dict[str, np.ndarray]:
     from onnx import numpy_helper

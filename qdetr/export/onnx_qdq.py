@@ -45,6 +45,7 @@ from qdetr.export.qdq_modules import (
     ExportError,
     ExportLinear,
     ExportMultiheadAttention,
+    _act,
 )
 from qdetr.export.qdq_ops import onnx_translations
 from qdetr.layers.attention import MultiheadAttention
@@ -259,7 +260,7 @@ def to_export_form(model: nn.Module, options: ExportOptions | None = None) -> nn
             handled.append(name)
     for name, module in model.named_modules():
         if isinstance(module, IdentityQuantizedBottleneck):
-            identity = _act_quantizer(module.identity_quantizer, f"{name}.identity_quantizer", container)
+            identity = _act(module.identity_quantizer, f"{name}.identity_quantizer", container)
             replacements.append((f"{name}.identity_quantizer", identity or nn.Identity()))
     for name, new in replacements:
         _replace(model, name, new)
@@ -288,12 +289,6 @@ def to_export_form(model: nn.Module, options: ExportOptions | None = None) -> nn
                 _replace(model, name, _ReluFoldedBottleneck(block))
         _fold_stem_relu(model)
     return model
-
-
-def _act_quantizer(quantizer: nn.Module, name: str, container: str) -> ExportActQuantizer | None:
-    if not isinstance(quantizer, LSQActQuantizer) or not quantizer.enabled:
-        return None
-    return ExportActQuantizer(quantizer, name, container)
 
 
 def _output_quantizer(bn: nn.Module, name: str, container: str) -> ExportActQuantizer | None:
