@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdetr.quant.config import LayerQuantSpec
+from qdetr.quant.fused_layers import fused_layer_forward
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
 from qdetr.layers.recompute import recompute_saved
 
@@ -144,6 +145,9 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) with quantized input and weight."""
+        y = fused_layer_forward(self, x, conv=False)
+        if y is not None:
+            return y
         x_hat, w_hat, recipes = _operands(self, x)
         with recompute_saved(_linear_views(x_hat, w_hat, recipes)):
             return F.linear(x_hat, w_hat, self.bias)
@@ -207,6 +211,9 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with quantized input and weight."""
+        y = fused_layer_forward(self, x, conv=True)
+        if y is not None:
+            return y
         x_hat, w_hat, recipes = _operands(self, x)
         with recompute_saved(recipes):
             return self._conv_forward(x_hat, w_hat, self.bias)

@@ -61,6 +61,11 @@ _C_SOURCE = r"""
 #define RND_F32(v) copysignf((fabsf(v) + 8388608.0f) - 8388608.0f, (v))
 #define RND_F64(v) copysign((fabs(v) + 4503599627370496.0) - 4503599627370496.0, (v))
 
+/* Step sums are accumulated in the data's type over blocks of at most BLOCK elements of a row
+   (ROWS rows of a channel vector), then added to the float64 accumulators. */
+#define BLOCK 512
+#define ROWS 64
+
 #define DEFINE_KERNELS(T, SUF, RND)                                                           \
 void fq_act_fwd_##SUF(const T* x, T* out, const T* s, const T* zr, int64_t C, int64_t Q,     \
                       int64_t r0, int64_t r1, T qn, T qp) {                                  \
@@ -90,20 +95,32 @@ void fq_act_fwd_##SUF(const T* x, T* out, const T* s, const T* zr, int64_t C, in
                                                                                              \
 void fq_act_bwd_##SUF(const T* x, const T* g, T* gx, const T* s, const T* zr, int64_t C,     \
                       int64_t Q, int64_t r0, int64_t r1, T qn, T qp, double* acc) {          \
-    double* acc_g = acc; double* acc_gx = acc + C; double* acc_d = acc + 2 * C;              \
+    double* acc_clip = acc; double* acc_d = acc + C;                                         \
     if (Q == 1) {                                                                            \
-        for (int64_t p = r0; p < r1; ++p) {                                                  \
-            const T* xp = x + p * C; const T* gp = g + p * C; T* gxp = gx + p * C;           \
-            _Pragma("omp simd")                                                              \
-            for (int64_t c = 0; c < C; ++c) {                                                \
-                T v = xp[c] / s[c] + zr[c];                                                  \
-                T q = CLAMP(v, qn, qp);                                                      \
-                T inside = (v == q) ? (T)1 : (T)0;                                           \
-                T gi = gp[c];                                                                \
-                T gout = gi * inside;                                                        \
-                T d = RND(q) - inside * q;                                                   \
-                acc_g[c] += (double)gi; acc_gx[c] += (double)gout; acc_d[c] += (double)(d * gi); \
-                gxp[c] = gout;                                                               \
+        T fclip[BLOCK], fd[BLOCK];                                                           \
+        for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {                                          \
+            const int64_t nc = (C - c0 < BLOCK) ? C - c0 : BLOCK;                            \
+            for (int64_t p0 = r0; p0 < r1; p0 += ROWS) {                                     \
+                const int64_t p1 = (r1 - p0 < ROWS) ? r1 : p0 + ROWS;                        \
+                for (int64_t c = 0; c < nc; ++c) { fclip[c] = 0; fd[c] = 0; }                \
+                for (int64_t p = p0; p < p1; ++p) {                                          \
+                    const T* xp = x + p * C + c0; const T* gp = g + p * C + c0;              \
+                    T* gxp = gx + p * C + c0; const T* sp = s + c0; const T* zp = zr + c0;   \
+                    _Pragma("omp simd")                                                      \
+                    for (int64_t c = 0; c < nc; ++c) {                                       \
+                        T v = xp[c] / sp[c] + zp[c];                                         \
+                        T q = CLAMP(v, qn, qp);                                              \
+                        T inside = (v == q) ? (T)1 : (T)0;                                   \
+                        T gi = gp[c];                                                        \
+                        T gout = gi * inside;                                                \
+                        T d = RND(q) - inside * q;                                           \
+                        fclip[c] += gi - gout; fd[c] += d * gi;                              \
+                        gxp[c] = gout;                                                       \
+                    }                                                                        \
+                }                                                                            \
+                for (int64_t c = 0; c < nc; ++c) {                                           \
+                    acc_clip[c0 + c] += (double)fclip[c]; acc_d[c0 + c] += (double)fd[c];    \
+                }                                                                            \
             }                                                                                \
         }                                                                                    \
         return;                                                                              \
@@ -111,28 +128,33 @@ void fq_act_bwd_##SUF(const T* x, const T* g, T* gx, const T* s, const T* zr, in
     for (int64_t r = r0; r < r1; ++r) {                                                      \
         const int64_t c = r % C; const T sc = s[c], z = zr[c];                               \
         const T* xr = x + r * Q; const T* gr = g + r * Q; T* gxr = gx + r * Q;               \
-        double sg = 0.0, sgx = 0.0, sd = 0.0;                                                \
-        _Pragma("omp simd reduction(+:sg,sgx,sd)")                                           \
-        for (int64_t i = 0; i < Q; ++i) {                                                    \
-            T v = xr[i] / sc + z;                                                            \
-            T q = CLAMP(v, qn, qp);                                                          \
-            T inside = (v == q) ? (T)1 : (T)0;                                               \
-            T gi = gr[i];                                                                    \
-            T gout = gi * inside;                                                            \
-            T d = RND(q) - inside * q;                                                       \
-            sg += (double)gi; sgx += (double)gout; sd += (double)(d * gi);                   \
-            gxr[i] = gout;                                                                   \
+        double sclip = 0.0, sd = 0.0;                                                        \
+        for (int64_t i0 = 0; i0 < Q; i0 += BLOCK) {                                          \
+            const int64_t i1 = (Q - i0 < BLOCK) ? Q : i0 + BLOCK;                            \
+            T fclip = 0, fd = 0;                                                             \
+            _Pragma("omp simd reduction(+:fclip,fd)")                                        \
+            for (int64_t i = i0; i < i1; ++i) {                                              \
+                T v = xr[i] / sc + z;                                                        \
+                T q = CLAMP(v, qn, qp);                                                      \
+                T inside = (v == q) ? (T)1 : (T)0;                                           \
+                T gi = gr[i];                                                                \
+                T gout = gi * inside;                                                        \
+                T d = RND(q) - inside * q;                                                   \
+                fclip += gi - gout; fd += d * gi;                                            \
+                gxr[i] = gout;                                                               \
+            }                                                                                \
+            sclip += (double)fclip; sd += (double)fd;                                        \
         }                                                                                    \
-        acc_g[c] += sg; acc_gx[c] += sgx; acc_d[c] += sd;                                    \
+        acc_clip[c] += sclip; acc_d[c] += sd;                                                \
     }                                                                                        \
 }                                                                                            \
                                                                                              \
 void fq_act_finalize_##SUF(const double* acc, const T* s, const T* zr, int64_t C, T* gs, T* gz) { \
     /* grad_s = sum(g * d) - round(z) * clipped, grad_z = -s * clipped, clipped = sum of g  \
-       over clipped elements = sum(g) - sum(g * inside) */                                   \
+       over the clipped elements */                                                          \
     for (int64_t c = 0; c < C; ++c) {                                                        \
-        T clipped = (T)(acc[c] - acc[C + c]);                                                \
-        gs[c] = (T)acc[2 * C + c] - zr[c] * clipped;                                         \
+        T clipped = (T)acc[c];                                                               \
+        gs[c] = (T)acc[C + c] - zr[c] * clipped;                                             \
         gz[c] = -s[c] * clipped;                                                             \
     }                                                                                        \
 }                                                                                            \
@@ -166,17 +188,27 @@ void fq_w_fwd_##SUF(const T* w, T* out, const T* s, int64_t C, int64_t Q,       
 void fq_w_bwd_##SUF(const T* w, const T* g, T* gw, const T* s, int64_t C, int64_t Q,        \
                     int64_t r0, int64_t r1, T qn, T qp, double* acc) {                       \
     if (Q == 1) {                                                                            \
-        for (int64_t p = r0; p < r1; ++p) {                                                  \
-            const T* wp = w + p * C; const T* gp = g + p * C; T* gwp = gw + p * C;           \
-            _Pragma("omp simd")                                                              \
-            for (int64_t c = 0; c < C; ++c) {                                                \
-                T v = wp[c] / s[c];                                                          \
-                T q = CLAMP(v, qn, qp);                                                      \
-                T inside = (v == q) ? (T)1 : (T)0;                                           \
-                T gi = gp[c];                                                                \
-                T d = RND(q) - inside * q;                                                   \
-                acc[c] += (double)(d * gi);                                                  \
-                gwp[c] = gi * inside;                                                        \
+        T fd[BLOCK];                                                                         \
+        for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {                                          \
+            const int64_t nc = (C - c0 < BLOCK) ? C - c0 : BLOCK;                            \
+            for (int64_t p0 = r0; p0 < r1; p0 += ROWS) {                                     \
+                const int64_t p1 = (r1 - p0 < ROWS) ? r1 : p0 + ROWS;                        \
+                for (int64_t c = 0; c < nc; ++c) fd[c] = 0;                                  \
+                for (int64_t p = p0; p < p1; ++p) {                                          \
+                    const T* wp = w + p * C + c0; const T* gp = g + p * C + c0;              \
+                    T* gwp = gw + p * C + c0; const T* sp = s + c0;                          \
+                    _Pragma("omp simd")                                                      \
+                    for (int64_t c = 0; c < nc; ++c) {                                       \
+                        T v = wp[c] / sp[c];                                                 \
+                        T q = CLAMP(v, qn, qp);                                              \
+                        T inside = (v == q) ? (T)1 : (T)0;                                   \
+                        T gi = gp[c];                                                        \
+                        T d = RND(q) - inside * q;                                           \
+                        fd[c] += d * gi;                                                     \
+                        gwp[c] = gi * inside;                                                \
+                    }                                                                        \
+                }                                                                            \
+                for (int64_t c = 0; c < nc; ++c) acc[c0 + c] += (double)fd[c];               \
             }                                                                                \
         }                                                                                    \
         return;                                                                              \
@@ -185,15 +217,20 @@ void fq_w_bwd_##SUF(const T* w, const T* g, T* gw, const T* s, int64_t C, int64_
         const int64_t c = r % C; const T sc = s[c];                                          \
         const T* wr = w + r * Q; const T* gr = g + r * Q; T* gwr = gw + r * Q;               \
         double sd = 0.0;                                                                     \
-        _Pragma("omp simd reduction(+:sd)")                                                  \
-        for (int64_t i = 0; i < Q; ++i) {                                                    \
-            T v = wr[i] / sc;                                                                \
-            T q = CLAMP(v, qn, qp);                                                          \
-            T inside = (v == q) ? (T)1 : (T)0;                                               \
-            T gi = gr[i];                                                                    \
-            T d = RND(q) - inside * q;                                                       \
-            sd += (double)(d * gi);                                                          \
-            gwr[i] = gi * inside;                                                            \
+        for (int64_t i0 = 0; i0 < Q; i0 += BLOCK) {                                          \
+            const int64_t i1 = (Q - i0 < BLOCK) ? Q : i0 + BLOCK;                            \
+            T fd = 0;                                                                        \
+            _Pragma("omp simd reduction(+:fd)")                                              \
+            for (int64_t i = i0; i < i1; ++i) {                                              \
+                T v = wr[i] / sc;                                                            \
+                T q = CLAMP(v, qn, qp);                                                      \
+                T inside = (v == q) ? (T)1 : (T)0;                                           \
+                T gi = gr[i];                                                                \
+                T d = RND(q) - inside * q;                                                   \
+                fd += d * gi;                                                                \
+                gwr[i] = gi * inside;                                                        \
+            }                                                                                \
+            sd += (double)fd;                                                                \
         }                                                                                    \
         acc[c] += sd;                                                                        \
     }                                                                                        \
@@ -417,59 +454,82 @@ def _run(fn, args_before: tuple, dims: tuple[int, int, int], args_after: tuple, 
 def act_forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qn: int, qp: int) -> torch.Tensor | None:
     """Native ``kernels.act_forward``; None where it does not apply (see :func:`_layout`)."""
     layout = _layout([x], [s, z]) if _exact_range(qn, qp) else None
-    lib = _library() if layout is not None else None
-    if lib is None:
+    if layout is None or _library() is None:
         return None
     dims, (s1, z1) = layout
-    zr = torch.round(z1)
-    out = OUTPUTS.empty(x.shape, x.dtype)
-    fn = getattr(lib, f"fq_act_fwd_{_SUFFIX[x.dtype]}")
-    _run(fn, (x.data_ptr(), out.data_ptr(), s1.data_ptr(), zr.data_ptr()), dims, (float(qn), float(qp)), None)
-    return out
+    return act_forward_rows(x, s1, torch.round(z1), dims, qn, qp)
 
 
 def act_backward(x, s, z, grad, qn: int, qp: int, grad_in_place: bool):
     """Native ``kernels.act_backward``: ``(grad_x, grad_s, grad_z)`` or None."""
     layout = _layout([x, grad], [s, z]) if _exact_range(qn, qp) else None
-    lib = _library() if layout is not None else None
-    if lib is None:
+    if layout is None or _library() is None:
         return None
     dims, (s1, z1) = layout
-    zr = torch.round(z1)
+    grad_x, grad_s, grad_z = act_backward_rows(x, s1, torch.round(z1), grad, dims, qn, qp, grad_in_place)
+    return grad_x, grad_s.view(s.shape), grad_z.view(s.shape)
+
+
+def weight_forward(w: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Tensor | None:
+    """Native ``kernels.weight_forward``; None where it does not apply."""
+    layout = _layout([w], [s]) if _exact_range(qn, qp) else None
+    if layout is None or _library() is None:
+        return None
+    dims, (s1,) = layout
+    return weight_forward_rows(w, s1, dims, qn, qp)
+
+
+def weight_backward(w, s, grad, qn: int, qp: int, grad_in_place: bool):
+    """Native ``kernels.weight_backward``: ``(grad_w, grad_s)`` or None."""
+    layout = _layout([w, grad], [s]) if _exact_range(qn, qp) else None
+    if layout is None or _library() is None:
+        return None
+    dims, (s1,) = layout
+    grad_w, grad_s = weight_backward_rows(w, s1, grad, dims, qn, qp, grad_in_place)
+    return grad_w, grad_s.view(s.shape)
+
+
+# The four loops on tensors already laid out as (P, C, Q): contiguous CPU float32 / float64
+# data of one dtype, steps and rounded zero points as contiguous (C,) tensors of that dtype,
+# an integer range below 2^22, and a loaded library. The functions above check all of this;
+# callers that have checked it themselves (qdetr.quant.fused_layers) call these directly.
+
+
+def act_forward_rows(x, s1, zr, dims: tuple[int, int, int], qn: int, qp: int) -> torch.Tensor:
+    """``x̂`` of ``x`` (any shape, ``dims = (P, C, Q)``) with steps ``s1`` and rounded zero points ``zr`` (C,)."""
+    out = OUTPUTS.empty(x.shape, x.dtype)
+    fn = getattr(_state["lib"], f"fq_act_fwd_{_SUFFIX[x.dtype]}")
+    _run(fn, (x.data_ptr(), out.data_ptr(), s1.data_ptr(), zr.data_ptr()), dims, (float(qn), float(qp)), None)
+    return out
+
+
+def act_backward_rows(x, s1, zr, grad, dims: tuple[int, int, int], qn: int, qp: int, grad_in_place: bool):
+    """``(grad_x, grad_s, grad_z)``, the last two shaped (C,), before the LSQ gradient scale."""
+    lib = _state["lib"]
     grad_x = grad if grad_in_place else torch.empty_like(grad)
-    acc = torch.zeros(3, dims[1], dtype=torch.float64)
+    acc = torch.zeros(2, dims[1], dtype=torch.float64)
     suffix = _SUFFIX[x.dtype]
     ptrs = (x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), s1.data_ptr(), zr.data_ptr())
     _run(getattr(lib, f"fq_act_bwd_{suffix}"), ptrs, dims, (float(qn), float(qp)), acc)
-    grad_s, grad_z = torch.empty(s.shape, dtype=x.dtype), torch.empty(s.shape, dtype=x.dtype)
+    grad_s, grad_z = torch.empty(dims[1], dtype=x.dtype), torch.empty(dims[1], dtype=x.dtype)
     getattr(lib, f"fq_act_finalize_{suffix}")(
         acc.data_ptr(), s1.data_ptr(), zr.data_ptr(), dims[1], grad_s.data_ptr(), grad_z.data_ptr()
     )
     return grad_x, grad_s, grad_z
 
 
-def weight_forward(w: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Tensor | None:
-    """Native ``kernels.weight_forward``; None where it does not apply."""
-    layout = _layout([w], [s]) if _exact_range(qn, qp) else None
-    lib = _library() if layout is not None else None
-    if lib is None:
-        return None
-    dims, (s1,) = layout
+def weight_forward_rows(w, s1, dims: tuple[int, int, int], qn: int, qp: int) -> torch.Tensor:
+    """``ŵ`` of ``w`` (any shape, ``dims = (P, C, Q)``) with steps ``s1`` (C,)."""
     out = OUTPUTS.empty(w.shape, w.dtype)
-    fn = getattr(lib, f"fq_w_fwd_{_SUFFIX[w.dtype]}")
+    fn = getattr(_state["lib"], f"fq_w_fwd_{_SUFFIX[w.dtype]}")
     _run(fn, (w.data_ptr(), out.data_ptr(), s1.data_ptr()), dims, (float(qn), float(qp)), None)
     return out
 
 
-def weight_backward(w, s, grad, qn: int, qp: int, grad_in_place: bool):
-    """Native ``kernels.weight_backward``: ``(grad_w, grad_s)`` or None."""
-    layout = _layout([w, grad], [s]) if _exact_range(qn, qp) else None
-    lib = _library() if layout is not None else None
-    if lib is None:
-        return None
-    dims, (s1,) = layout
+def weight_backward_rows(w, s1, grad, dims: tuple[int, int, int], qn: int, qp: int, grad_in_place: bool):
+    """``(grad_w, grad_s)``, the latter shaped (C,), before the LSQ gradient scale."""
     grad_w = grad if grad_in_place else torch.empty_like(grad)
     acc = torch.zeros(dims[1], dtype=torch.float64)
-    fn = getattr(lib, f"fq_w_bwd_{_SUFFIX[w.dtype]}")
+    fn = getattr(_state["lib"], f"fq_w_bwd_{_SUFFIX[w.dtype]}")
     _run(fn, (w.data_ptr(), grad.data_ptr(), grad_w.data_ptr(), s1.data_ptr()), dims, (float(qn), float(qp)), acc)
-    return grad_w, acc.to(w.dtype).view(s.shape)
+    return grad_w, acc.to(w.dtype)
