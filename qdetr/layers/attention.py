@@ -220,15 +220,7 @@ class MultiheadAttention(nn.Module):
         src_len = key.shape[1]
         h, d = self.num_heads, self.head_dim
 
-        weight = self.in_proj_weight_quantizer(self.in_proj_weight)
-        w_q, w_k, w_v = weight.chunk(3)
-        if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        else:
-            b_q = b_k = b_v = None
-        q = F.linear(self.q_input_quantizer(query), w_q, b_q)
-        k = F.linear(self.k_input_quantizer(key), w_k, b_k)
-        v = F.linear(self.v_input_quantizer(value), w_v, b_v)
+        q, k, v = self._in_projections(query, key, value)
         q = q.view(bsz, tgt_len, h, d).transpose(1, 2)  # (B, h, L, d_h)
         k = k.view(bsz, src_len, h, d).transpose(1, 2)  # (B, h, S, d_h)
         v = v.view(bsz, src_len, h, d).transpose(1, 2)  # (B, h, S, d_h)
@@ -260,6 +252,21 @@ class MultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
             values = values.transpose(0, 1)
         return out, weights, values
+
+    def _in_projections(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k, v projections through their slots: (B, L, E), (B, S, E), (B, S, E) -> same shapes."""
+        weight = self.in_proj_weight_quantizer(self.in_proj_weight)
+        w_q, w_k, w_v = weight.chunk(3)
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        else:
+            b_q = b_k = b_v = None
+        q = F.linear(self.q_input_quantizer(query), w_q, b_q)
+        k = F.linear(self.k_input_quantizer(key), w_k, b_k)
+        v = F.linear(self.v_input_quantizer(value), w_v, b_v)
+        return q, k, v
 
     def _merged_additive_mask(
         self,

@@ -28,6 +28,7 @@ from torch import nn
 from qdetr.layers.attention import AttentionSlots, MultiheadAttention
 from qdetr.layers.recompute import recompute_saved, slot_recipes
 from qdetr.quant.config import AttentionQuantSpec, LayerQuantSpec
+from qdetr.quant.fused_layers import fused_quant_op
 from qdetr.quant.modules import QuantLinear
 from qdetr.quant.quantizers import LSQActQuantizer, LSQWeightQuantizer
 
@@ -86,6 +87,29 @@ class QuantMultiheadAttention(MultiheadAttention):
         >>> qmha.in_proj_weight is mha.in_proj_weight  # parameters are shared
         True
     """
+
+    def _in_projections(self, query, key, value):
+        """q, k, v projections, each one autograd node where :func:`qdetr.quant.fused_layers.fused_quant_op`
+        applies (the rows of ``in_proj_weight`` and of its quantizer's steps that feed it), the
+        separate nodes of :class:`qdetr.layers.MultiheadAttention` otherwise: bit-identical."""
+        wq = self.in_proj_weight_quantizer
+        if not isinstance(wq, LSQWeightQuantizer) or not wq.per_channel:
+            return super()._in_projections(query, key, value)
+        e, weight, bias = self.embed_dim, self.in_proj_weight, self.in_proj_bias
+        g_w = wq.grad_scale(weight)
+        out = []
+        for i, (x, aq) in enumerate(
+            ((query, self.q_input_quantizer), (key, self.k_input_quantizer), (value, self.v_input_quantizer))
+        ):
+            rows = slice(i * e, (i + 1) * e)
+            y = fused_quant_op(
+                x, weight[rows], bias[rows] if bias is not None else None, wq, aq,
+                weight_steps=wq.scale[rows], weight_grad_scale=g_w,
+            )
+            if y is None:
+                return super()._in_projections(query, key, value)
+            out.append(y)
+        return tuple(out)
 
     @classmethod
     def from_float(cls, module: nn.Module, spec: AttentionQuantSpec) -> "QuantMultiheadAttention":

@@ -4,8 +4,8 @@ Built from parts, a quantized layer ``y = op(Q_a(x), Q_w(W)) + b`` records about
 nodes per forward (two quantizers, the clamp and views of their steps, the op) and runs the
 :func:`qdetr.layers.recompute.recompute_saved` hooks for every tensor the op saves: about
 0.3 ms of Python and autograd bookkeeping per layer and training step, whatever the layer's
-size, against 0.08 ms for the float layer. :func:`fused_layer_forward` does the same arithmetic
-in one node:
+size, against 0.03-0.08 ms for the float layer. :func:`fused_quant_op` does the same
+arithmetic in one node:
 
 * forward: ``x̂`` and ``ŵ`` by the native kernels (:mod:`qdetr.quant.native_kernels`) into
   reusable buffers, then the float op on them; only ``x``, ``W`` and the steps are saved;
@@ -15,14 +15,18 @@ in one node:
   the LSQ gradient scales and the step clamp's mask, exactly as the separate nodes apply them.
 
 Outputs and gradients are bit-identical to the separate-node path (tested for both layer
-kinds, float32 and float64, with and without bias). It applies where the native kernels apply
-(contiguous float32 / float64 CPU tensors, no autocast, no tracing or compiling) to a plain
-``QuantConv2d`` / ``QuantLinear`` whose two quantizers are plain, enabled, calibrated and
-hook-free (a forward hook on a quantizer must still see its call); everything else, and a
-backward pass that builds a graph (``create_graph=True``), runs the separate nodes.
+kinds, float32 and float64, with and without bias, and for the q / k / v projections of
+:class:`qdetr.layers.attention.MultiheadAttention`). It applies where the native kernels apply
+(contiguous float32 / float64 CPU tensors, no autocast, no tracing or compiling) to plain
+:class:`~qdetr.quant.quantizers.LSQWeightQuantizer` / :class:`~qdetr.quant.quantizers.LSQActQuantizer`
+pairs that are enabled, calibrated and hook-free (a forward hook on a quantizer must still see
+its call); everything else, and a backward pass that builds a graph (``create_graph=True``),
+runs the separate nodes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +34,29 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from qdetr.quant import kernels, native_kernels
+from qdetr.quant.primitives import fake_quant_weight
 from qdetr.quant.quantizers import MIN_STEP, LSQActQuantizer, LSQWeightQuantizer
 
-__all__ = ["fused_layer_forward"]
+__all__ = ["ConvArgs", "fused_quant_op", "fused_layer_forward"]
 
 _conv_backward = torch.ops.aten.convolution_backward.default
 _DTYPES = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
+@dataclass(frozen=True)
+class ConvArgs:
+    """The geometry of a 2-D convolution (None in place of it means a linear layer)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
 def _hook_free(module: nn.Module) -> bool:
     return not (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
     )
 
 
@@ -61,30 +73,27 @@ def _steps_fit(scale: torch.Tensor, channels: int, per_channel: bool) -> bool:
     return scale.dim() == 1 and scale.shape[0] == (channels if per_channel else 1)
 
 
-def _applies(layer: nn.Module, x: torch.Tensor, conv: bool) -> bool:
-    """Cheap checks, in the order most likely to fail first."""
-    wq, aq = layer.weight_quantizer, layer.input_quantizer
+def _applies(x, weight, bias, w_scale, wq, aq, conv: ConvArgs | None) -> bool:
+    """Cheap checks, the likeliest failures first."""
     if type(wq) is not LSQWeightQuantizer or type(aq) is not LSQActQuantizer:
         return False
     if not (wq.enabled and aq.enabled and wq._is_initialized and aq._is_initialized) or aq.calibrating:
         return False
-    weight = layer.weight
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or not x.is_contiguous() or x.numel() == 0:
+    dtype = x.dtype
+    if x.device.type != "cpu" or dtype not in _DTYPES or not x.is_contiguous() or x.numel() == 0:
         return False
     if type(x) not in _PLAIN or type(weight) not in _PLAIN or weight.device.type != "cpu" or not weight.is_contiguous():
         return False
-    if weight.dtype != x.dtype or wq.scale.dtype != x.dtype or aq.scale.dtype != x.dtype or aq.zero_point.dtype != x.dtype:
+    a_scale, a_zero = aq.scale, aq.zero_point
+    if weight.dtype != dtype or w_scale.dtype != dtype or a_scale.dtype != dtype or a_zero.dtype != dtype:
         return False
-    if layer.bias is not None and layer.bias.dtype != x.dtype:
+    if bias is not None and bias.dtype != dtype:
         return False
-    if conv:
-        if x.dim() != 4 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            return False
-    elif x.dim() not in (2, 3):
+    if (x.dim() != 4 or weight.dim() != 4) if conv is not None else (x.dim() not in (2, 3) or weight.dim() != 2):
         return False
-    if not (_steps_fit(wq.scale, weight.shape[0], wq.per_channel) and _steps_fit(aq.scale, x.shape[aq._axis_for(x.dim())], aq.per_channel)):
+    if not _steps_fit(w_scale, weight.shape[0], wq.per_channel):
         return False
-    if aq.zero_point.shape != aq.scale.shape:
+    if not _steps_fit(a_scale, x.shape[aq._axis_for(x.dim())], aq.per_channel) or a_zero.shape != a_scale.shape:
         return False
     if kernels.get_kernel_backend() != "native" or not native_kernels.native_kernels_available():
         return False
@@ -99,26 +108,27 @@ def _rows(x: torch.Tensor, axis: int | None) -> tuple[int, int, int]:
         return 1, 1, x.numel()
     c = x.shape[axis]
     q = 1
-    for n in x.shape[axis + 1:]:
+    for n in x.shape[axis + 1 :]:
         q *= n
     return x.numel() // (c * q), c, q
 
 
 class _Steps:
-    """The quantizers' steps as the loops take them: clamped steps and rounded zero points as
-    contiguous (C,) tensors, the integer ranges and the (P, C, Q) layouts of x and W."""
+    """What the loops take: clamped steps and rounded zero points as contiguous (C,) tensors,
+    the integer ranges, the (P, C, Q) layouts of x and W, and the LSQ gradient scales."""
 
-    __slots__ = ("s_w", "s_a", "z_a", "w_range", "a_range", "w_rows", "a_rows")
+    __slots__ = ("s_w", "s_a", "z_a", "w_range", "a_range", "w_rows", "a_rows", "g_w", "g_a")
 
-    def __init__(self, layer: nn.Module, x: torch.Tensor) -> None:
-        wq, aq = layer.weight_quantizer, layer.input_quantizer
-        self.s_w = wq.scale.detach().clamp_min(MIN_STEP)
+    def __init__(self, x, weight, w_scale, wq, aq, g_w: float) -> None:
+        self.s_w = w_scale.detach().clamp_min(MIN_STEP)
         self.s_a = aq.scale.detach().clamp_min(MIN_STEP)
         self.z_a = torch.round(aq.zero_point.detach())
         self.w_range = (wq.qmin, wq.qmax)
         self.a_range = aq.qrange
-        self.w_rows = _rows(layer.weight, 0 if wq.per_channel else None)
+        self.w_rows = _rows(weight, 0 if wq.per_channel else None)
         self.a_rows = _rows(x, aq._axis_for(x.dim()) if aq.per_channel else None)
+        self.g_w = g_w
+        self.g_a = aq.grad_scale(x)
 
     def quantized_operands(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x̂, ŵ)`` in reusable buffers (:data:`qdetr.quant.native_kernels.OUTPUTS`)."""
@@ -127,19 +137,18 @@ class _Steps:
         return x_hat, w_hat
 
 
-def _op_forward(layer: nn.Module, conv: bool, x_hat: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
-    if conv:
-        return F.conv2d(x_hat, w_hat, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return F.linear(x_hat, w_hat, layer.bias)
+def _op_forward(conv: ConvArgs | None, x_hat, w_hat, bias) -> torch.Tensor:
+    if conv is not None:
+        return F.conv2d(x_hat, w_hat, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.linear(x_hat, w_hat, bias)
 
 
-def _op_backward(layer: nn.Module, conv: bool, grad: torch.Tensor, x_hat, w_hat, mask: list[bool]):
+def _op_backward(conv: ConvArgs | None, grad, x_hat, w_hat, bias, mask: list[bool]):
     """``(grad_x̂, grad_ŵ, grad_b)`` as autograd computes them for the float op (None where not needed)."""
-    if conv:
-        bias_sizes = list(layer.bias.shape) if layer.bias is not None else None
+    if conv is not None:
         return _conv_backward(
-            grad, x_hat, w_hat, bias_sizes, list(layer.stride), list(layer.padding), list(layer.dilation),
-            False, [0, 0], layer.groups, mask,
+            grad, x_hat, w_hat, list(bias.shape) if bias is not None else None,
+            list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups, mask,
         )
     # F.linear runs addmm (mm without bias) on the input folded to (N, in) and the weight's
     # transposed view; these are the products addmm's backward takes for those layouts.
@@ -156,74 +165,109 @@ def _clamp_mask(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale >= MIN_STEP, grad, torch.zeros((), dtype=grad.dtype))
 
 
-class _FusedQuantLayer(torch.autograd.Function):
+def _separate_nodes(x, weight, bias, w_scale, wq, aq, conv, g_w) -> torch.Tensor:
+    """The same op through the quantizer module and the weight quantizer's autograd function."""
+    shape = [-1 if (i == 0 and wq.per_channel) else 1 for i in range(weight.dim())]
+    w_hat = fake_quant_weight(weight, w_scale.clamp_min(MIN_STEP).view(shape), wq.qmin, wq.qmax, g_w)
+    return _op_forward(conv, aq(x), w_hat, bias)
+
+
+class _FusedQuantOp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, w_scale, a_scale, a_zero, layer, conv, x_hat, w_hat, steps):
-        ctx.layer, ctx.conv, ctx.steps = layer, conv, steps
-        ctx.save_for_backward(x, weight, w_scale, a_scale, a_zero)
-        return _op_forward(layer, conv, x_hat, w_hat)
+    def forward(ctx, x, weight, bias, w_scale, a_scale, a_zero, quantizers, conv, x_hat, w_hat, steps):
+        ctx.quantizers, ctx.conv, ctx.steps = quantizers, conv, steps
+        ctx.save_for_backward(x, weight, bias, w_scale, a_scale, a_zero)
+        return _op_forward(conv, x_hat, w_hat, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, w_scale, a_scale, a_zero = ctx.saved_tensors
-        layer, conv = ctx.layer, ctx.conv
-        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        x, weight, bias, w_scale, a_scale, a_zero = ctx.saved_tensors
+        (wq, aq), conv, steps = ctx.quantizers, ctx.conv, ctx.steps
+        need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: differentiate the separate-node path instead
             with torch.enable_grad():
-                inputs = (x, weight, layer.bias, w_scale, a_scale, a_zero)
-                out = _separate_nodes(layer, conv, x)
-                wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:6]) if need]
+                out = _separate_nodes(x, weight, bias, w_scale, wq, aq, conv, steps.g_w)
+                inputs = (x, weight, bias, w_scale, a_scale, a_zero)
+                wanted = [t for t, n in zip(inputs, need[:6]) if n]
                 grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
-                return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:6]) + (None,) * 5
-        steps = ctx.steps
-        need = ctx.needs_input_grad
+                return tuple(next(grads) if n else None for n in need[:6]) + (None,) * 5
         mask = [need[0] or need[4] or need[5], need[1] or need[3], need[2]]
         x_hat, w_hat = steps.quantized_operands(x, weight)
-        grad_xh, grad_wh, grad_b = _op_backward(layer, conv, grad, x_hat, w_hat, mask)
+        grad_xh, grad_wh, grad_b = _op_backward(conv, grad, x_hat, w_hat, bias, mask)
         del x_hat, w_hat
         grad_x = grad_w = grad_ws = grad_as = grad_az = None
         if grad_xh is not None:
             if grad_xh.is_contiguous():
-                grad_x, g_s, g_z = native_kernels.act_backward_rows(x, steps.s_a, steps.z_a, grad_xh, steps.a_rows, *steps.a_range, True)
+                grad_x, g_s, g_z = native_kernels.act_backward_rows(
+                    x, steps.s_a, steps.z_a, grad_xh, steps.a_rows, *steps.a_range, True
+                )
             else:
                 grad_x, g_s, g_z = kernels.act_backward(x, steps.s_a, steps.z_a, grad_xh, *steps.a_range, grad_in_place=True)
-            g = aq.grad_scale(x)
-            grad_as = _clamp_mask((g_s * g).view(a_scale.shape), a_scale)
-            grad_az = (g_z * g).view(a_zero.shape)
+            grad_as = _clamp_mask((g_s * steps.g_a).view(a_scale.shape), a_scale)
+            grad_az = (g_z * steps.g_a).view(a_zero.shape)
         if grad_wh is not None:
             if grad_wh.is_contiguous():
                 grad_w, g_s = native_kernels.weight_backward_rows(weight, steps.s_w, grad_wh, steps.w_rows, *steps.w_range, True)
             else:
                 grad_w, g_s = kernels.weight_backward(weight, steps.s_w, grad_wh, *steps.w_range, grad_in_place=True)
-            grad_ws = _clamp_mask((g_s * wq.grad_scale(weight)).view(w_scale.shape), w_scale)
+            grad_ws = _clamp_mask((g_s * steps.g_w).view(w_scale.shape), w_scale)
         return grad_x, grad_w, grad_b, grad_ws, grad_as, grad_az, None, None, None, None, None
 
 
-def _separate_nodes(layer: nn.Module, conv: bool, x: torch.Tensor) -> torch.Tensor:
-    """The layer computed by its quantizer modules and the float op (the path outside this file)."""
-    x_hat = layer.input_quantizer(x)
-    w_hat = layer.weight_quantizer(layer.weight)
-    return _op_forward(layer, conv, x_hat, w_hat)
-
-
-def fused_layer_forward(layer: nn.Module, x: torch.Tensor, conv: bool) -> torch.Tensor | None:
-    """``layer(x)`` as one autograd node, or None where the fused path does not apply.
+def fused_quant_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_quantizer: nn.Module,
+    input_quantizer: nn.Module,
+    *,
+    conv: ConvArgs | None = None,
+    weight_steps: torch.Tensor | None = None,
+    weight_grad_scale: float | None = None,
+) -> torch.Tensor | None:
+    """``op(Q_a(x), Q_w(weight)) + bias`` as one autograd node, or None where it does not apply.
 
     Args:
-        layer: a ``QuantConv2d`` (``conv=True``) or ``QuantLinear``.
-        x: (B, C_in, H, W) for a conv, (N, in_features) or (B, L, in_features) for a linear layer.
-        conv: which of the two ``layer`` is.
+        x: (B, C_in, H, W) for a convolution, (N, in) or (B, L, in) for a linear op.
+        weight: (C_out, C_in / groups, kh, kw) or (out, in); may be a block of rows of a larger
+            weight whose quantizer has one step per row (then ``weight_steps`` are those rows' steps).
+        bias: (C_out,) or None.
+        weight_quantizer, input_quantizer: the layer's quantizers.
+        conv: the convolution's geometry; None for a linear op.
+        weight_steps: the steps of ``weight``'s rows (default: the weight quantizer's).
+        weight_grad_scale: LSQ gradient scale of the weight step (default: the quantizer's for ``weight``).
 
     Returns:
-        The layer's output, bit-identical to the separate-node path, or None.
+        The op's output, bit-identical to the separate-node path, or None.
     """
-    if not _applies(layer, x, conv):
+    w_scale = weight_quantizer.scale if weight_steps is None else weight_steps
+    if not _applies(x, weight, bias, w_scale, weight_quantizer, input_quantizer, conv):
         return None
-    steps = _Steps(layer, x)
-    x_hat, w_hat = steps.quantized_operands(x.detach(), layer.weight.detach())
+    if weight_grad_scale is None:
+        weight_grad_scale = weight_quantizer.grad_scale(weight)
+    steps = _Steps(x, weight, w_scale, weight_quantizer, input_quantizer, weight_grad_scale)
+    x_hat, w_hat = steps.quantized_operands(x.detach(), weight.detach())
     if not torch.is_grad_enabled():
-        return _op_forward(layer, conv, x_hat, w_hat)
-    wq, aq = layer.weight_quantizer, layer.input_quantizer
-    return _FusedQuantLayer.apply(
-        x, layer.weight, layer.bias, wq.scale, aq.scale, aq.zero_point, layer, conv, x_hat, w_hat, steps
+        return _op_forward(conv, x_hat, w_hat, bias)
+    aq = input_quantizer
+    return _FusedQuantOp.apply(
+        x, weight, bias, w_scale, aq.scale, aq.zero_point, (weight_quantizer, aq), conv, x_hat, w_hat, steps
     )
+
+
+def fused_layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` for a ``QuantConv2d`` or ``QuantLinear`` as one autograd node, or None.
+
+    Args:
+        layer: the layer.
+        x: (B, C_in, H, W) for a conv, (N, in_features) or (B, L, in_features) for a linear layer.
+    """
+    wq, aq = layer.weight_quantizer, layer.input_quantizer
+    if wq is None or aq is None:
+        return None
+    conv = None
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            return None
+        conv = ConvArgs(layer.stride, layer.padding, layer.dilation, layer.groups)
+    return fused_quant_op(x, layer.weight, layer.bias, wq, aq, conv=conv)

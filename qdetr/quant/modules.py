@@ -145,7 +145,7 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) with quantized input and weight."""
-        y = fused_layer_forward(self, x, conv=False)
+        y = fused_layer_forward(self, x)
         if y is not None:
             return y
         x_hat, w_hat, recipes = _operands(self, x)
@@ -211,7 +211,7 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with quantized input and weight."""
-        y = fused_layer_forward(self, x, conv=True)
+        y = fused_layer_forward(self, x)
         if y is not None:
             return y
         x_hat, w_hat, recipes = _operands(self, x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qdetr.quant import native_kernels
+from qdetr.quant import fused_layers, native_kernels
 from qdetr.quant.config import LayerQuantSpec
 from qdetr.quant.modules import QuantConv2d, QuantLinear
 from qdetr.quant.primitives import fake_quant_activation
@@ -69,7 +69,9 @@ def test_a_kept_quantizer_output_is_never_overwritten():
     (lambda spec: QuantLinear.from_float(nn.Linear(12, 7, bias=False), spec), torch.randn(3, 5, 12)),
 ])
 def test_quantized_layers_recompute_both_operands_in_backward(layer, x, monkeypatch):
-    """Neither x̂ nor ŵ is kept for backward: each is recomputed once, bit-identically."""
+    """Neither x̂ nor ŵ is kept for backward: each is recomputed once, bit-identically (the
+    separate-node path; the fused one is covered by tests/quant/test_fused_layers.py)."""
+    monkeypatch.setattr(fused_layers, "_applies", lambda *args: False)
     layer = layer(LayerQuantSpec(weight_bits=4, input_bits=4, input_signed=True)).train()
     layer(x)  # calibrates
     calls = []
