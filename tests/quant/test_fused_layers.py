@@ -99,6 +99,30 @@ def test_fused_attention_projections_are_bit_identical(bias, self_attention, mon
     _assert_identical(fused, _step(attn, inputs, fused=False, monkeypatch=monkeypatch))
 
 
+def test_first_conv_step_gradients_are_the_same_sums(monkeypatch):
+    """A conv whose input needs no gradient (the stem, on the image): weight gradients and the
+    output bit-identical, the input quantizer's step sums equal up to summation order."""
+    torch.manual_seed(0)
+    layer = QuantConv2d.from_float(nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), LayerQuantSpec(weight_bits=8, input_bits=8))
+    layer = layer.train()
+    x = torch.randn(2, 3, 40, 40)
+    layer(x)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(fused_layers, "_applies", lambda *args: False)
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        results.append([y.detach()] + [p.grad for p in layer.parameters()])
+    names = ["output"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, *results):
+        if name.startswith("input_quantizer."):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b), name
+
+
 def _with_forward_hook(layer):
     layer.input_quantizer.register_forward_hook(lambda *args: None)
     return layer
