@@ -11,7 +11,9 @@ The quantized model is what a library user gets by default: ``quantize_model(mod
 profile="paper")`` followed by an ordinary training loop (forward, backward, optimizer step),
 with no backend selected (the native kernels of ``qdetr.quant.native_kernels`` where a C
 compiler works). ``--eager`` and ``--compiled`` add the PyTorch-operation kernels and the
-``torch.compile`` kernels (``qdetr.quant.kernels.set_kernel_backend(...)``) as further variants.
+``torch.compile`` kernels (``qdetr.quant.kernels.set_kernel_backend(...)``) as further variants;
+``--separate`` adds the default kernels with every quantizer its own autograd node (no fused
+conv / linear node, ``qdetr.quant.fused_layers``: the previous release's default path).
 
 Timing: after two warm-up steps per model, the float and quantized steps alternate
 (``--pairs`` pairs, the order flipped every pair) and each pair gives one ratio
@@ -34,7 +36,7 @@ arithmetic), i.e. the overhead that is not the kernels' own work.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_fake_quant.py [--workload detr sgd2] [--pairs 9]
-        [--size 256] [--threads 1] [--eager] [--compiled] [--breakdown] [--json]
+        [--size 256] [--threads 1] [--separate] [--eager] [--compiled] [--breakdown] [--json]
 """
 
 from __future__ import annotations
@@ -51,13 +53,21 @@ import torchvision
 from torch import nn
 
 from qdetr.layers import MultiheadAttention
-from qdetr.quant import calibrate, quantize_model
+from qdetr.quant import calibrate, fused_layers, quantize_model
 from qdetr.quant.kernels import get_kernel_backend, set_kernel_backend
 
 #: The backend a library user gets without selecting one (read before any variant sets one).
 DEFAULT_BACKEND = get_kernel_backend()
 #: Quantized variants and their kernel backends.
-BACKENDS = {"w4a4": DEFAULT_BACKEND, "w4a4_eager": "eager", "w4a4_compiled": "compiled"}
+BACKENDS = {"w4a4": DEFAULT_BACKEND, "w4a4_separate": DEFAULT_BACKEND, "w4a4_eager": "eager", "w4a4_compiled": "compiled"}
+_FUSED_APPLIES = fused_layers._applies
+
+
+def select_path(variant: str) -> None:
+    """Kernel backend of ``variant``; ``w4a4_separate`` also turns the fused conv / linear node
+    off (every quantizer its own autograd node: the default path of the previous release)."""
+    set_kernel_backend(BACKENDS.get(variant, DEFAULT_BACKEND))
+    fused_layers._applies = (lambda *args: False) if variant == "w4a4_separate" else _FUSED_APPLIES
 
 WORKLOADS = {
     "detr": {"layers": 6, "optimizer": "adamw"},
@@ -92,7 +102,7 @@ class DetrLikeWorkload(nn.Module):
 
 
 def build(variant: str, workload: str = "detr") -> nn.Module:
-    """``float_torch_mha``, ``float``, ``w4a4`` (library default), ``w4a4_eager`` or ``w4a4_compiled``."""
+    """``float_torch_mha``, ``float``, ``w4a4`` (library default), ``w4a4_separate``, ``w4a4_eager`` or ``w4a4_compiled``."""
     torch.manual_seed(0)
     model = DetrLikeWorkload(WORKLOADS[workload]["layers"], torch_attention=(variant == "float_torch_mha"))
     if variant.startswith("w4a4"):
@@ -139,7 +149,7 @@ class Trainer:
         self.times: list[float] = []
 
     def step(self) -> float:
-        set_kernel_backend(BACKENDS.get(self.variant, DEFAULT_BACKEND))
+        select_path(self.variant)
         start = self.clock()
         self.model(self.x).backward()
         self.opt.step()
@@ -153,7 +163,8 @@ def peak_rss_child(variant: str, workload: str, size: int, threads: int) -> floa
     code = (
         "import sys, resource, torch; sys.path.insert(0, 'benchmarks');"
         f"torch.set_num_threads({threads});"
-        "from bench_fake_quant import build, make_optimizer;"
+        "from bench_fake_quant import build, make_optimizer, select_path;"
+        f"select_path({variant!r});"
         f"m = build({variant!r}, {workload!r}); opt = make_optimizer(m, {workload!r});"
         f"x = torch.randn(2, 3, {size}, {size});"
         "[(m(x).backward(), opt.step(), opt.zero_grad(set_to_none=True)) for _ in range(2)];"
@@ -173,7 +184,12 @@ def run_workload(workload: str, args) -> dict:
     torch.manual_seed(0)
     x = torch.randn(2, 3, args.size, args.size)
     clock = time.perf_counter if args.wall else time.process_time
-    variants = ["float", "w4a4"] + (["w4a4_eager"] if args.eager else []) + (["w4a4_compiled"] if args.compiled else [])
+    variants = (
+        ["float", "w4a4"]
+        + (["w4a4_separate"] if args.separate else [])
+        + (["w4a4_eager"] if args.eager else [])
+        + (["w4a4_compiled"] if args.compiled else [])
+    )
     trainers = {v: Trainer(v, workload, x, clock) for v in variants}
     for t in trainers.values():  # warm-up (compiles the kernels of the compiled variant)
         for _ in range(2):
@@ -205,55 +221,77 @@ _KERNELS = ("weight_forward", "weight_backward", "act_forward", "act_backward")
 
 
 def _copy_kernels() -> dict:
-    """Stand-ins for the four kernels that only copy (forward, into the native kernels' output
-    buffers) or pass the gradient through."""
+    """Stand-ins for the kernels that only copy (forward, into the native kernels' output
+    buffers) or pass the gradient through: the dispatching kernels of ``qdetr.quant.kernels``
+    and the native loops that the fused conv / linear node calls directly."""
     from qdetr.quant.native_kernels import OUTPUTS
+
+    def zeros(c):
+        return torch.zeros(c)
 
     return {
         "weight_forward": lambda w, s, qn, qp: OUTPUTS.empty(w.shape, w.dtype).copy_(w),
         "act_forward": lambda x, s, z, qn, qp: OUTPUTS.empty(x.shape, x.dtype).copy_(x),
         "weight_backward": lambda w, s, g, qn, qp, grad_in_place=False: (g, torch.zeros_like(s)),
         "act_backward": lambda x, s, z, g, qn, qp, grad_in_place=False: (g, torch.zeros_like(s), torch.zeros_like(z)),
+        "weight_forward_rows": lambda w, s, dims, qn, qp: OUTPUTS.empty(w.shape, w.dtype).copy_(w),
+        "act_forward_rows": lambda x, s, z, dims, qn, qp: OUTPUTS.empty(x.shape, x.dtype).copy_(x),
+        "weight_backward_rows": lambda w, s, g, dims, qn, qp, in_place: (g, zeros(dims[1])),
+        "act_backward_rows": lambda x, s, z, g, dims, qn, qp, in_place: (g, zeros(dims[1]), zeros(dims[1])),
     }
 
 
 def breakdown(workload: str, args) -> None:
-    """Print kernel time per step and the step with copy-only kernels (see the module docstring)."""
-    from qdetr.quant import kernels
+    """Print kernel time per step and the step with copy-only kernels (see the module docstring).
+
+    Kernel time is counted in the dispatching kernels of ``qdetr.quant.kernels`` (quantizers
+    called on their own) and in the native loops (``*_rows``) that the fused conv / linear
+    node calls directly; a loop called from a dispatching kernel counts once."""
+    from qdetr.quant import kernels, native_kernels
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, args.size, args.size)
     trainers = {v: Trainer(v, workload, x, time.process_time) for v in ("float", "w4a4")}
-    real = {name: getattr(kernels, name) for name in _KERNELS}
+    homes = {name: kernels for name in _KERNELS} | {f"{name}_rows": native_kernels for name in _KERNELS}
+    real = {name: getattr(home, name) for name, home in homes.items()}
     spent = {name: 0.0 for name in _KERNELS}
+    depth = [0]
 
     def timed(name):
+        kind = name.removesuffix("_rows")
+
         def run(*a, **k):
+            if depth[0]:
+                return real[name](*a, **k)
+            depth[0] += 1
             start = time.process_time()
-            out = real[name](*a, **k)
-            spent[name] += time.process_time() - start
-            return out
+            try:
+                return real[name](*a, **k)
+            finally:
+                spent[kind] += time.process_time() - start
+                depth[0] -= 1
 
         return run
 
-    modes = {"float": None, "quantized": {n: timed(n) for n in _KERNELS}, "copy-only kernels": _copy_kernels()}
+    def install(table):
+        for name, fn in table.items():
+            setattr(homes[name], name, fn)
+
+    modes = {"float": None, "quantized": {n: timed(n) for n in homes}, "copy-only kernels": _copy_kernels()}
     times = {m: [] for m in modes}
     try:
         for i in range(args.pairs + 1):  # round 0 warms up
             for mode, table in modes.items() if i % 2 else reversed(modes.items()):
                 if table is not None:
-                    for name, fn in table.items():
-                        setattr(kernels, name, fn)
+                    install(table)
                 if i == 1 and mode == "quantized":
                     spent.update({n: 0.0 for n in _KERNELS})
                 elapsed = trainers["float" if table is None else "w4a4"].step()
                 if i:
                     times[mode].append(elapsed)
-                for name, fn in real.items():
-                    setattr(kernels, name, fn)
+                install(real)
     finally:
-        for name, fn in real.items():
-            setattr(kernels, name, fn)
+        install(real)
     float_s = statistics.median(times["float"])
     print(f"[{workload}] where the quantized step's time goes ({DEFAULT_BACKEND} kernels, {args.pairs} rounds, CPU time)")
     for mode, t in times.items():
@@ -275,6 +313,7 @@ def report(result: dict, args) -> None:
     labels = {
         "float": "float (qdetr attention)",
         "w4a4": f"W4A4 attn8, default ({DEFAULT_BACKEND})",
+        "w4a4_separate": "W4A4 attn8, separate nodes",
         "w4a4_eager": "W4A4 attn8, eager",
         "w4a4_compiled": "W4A4 attn8, compiled",
     }
@@ -302,6 +341,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rss-runs", type=int, default=1, help="fresh processes per variant for peak RSS")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--separate", action="store_true", help="also time the default kernels without the fused conv / linear node")
     parser.add_argument("--eager", action="store_true", help="also time the PyTorch-operation (eager) kernels")
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile kernels")
     parser.add_argument("--breakdown", action="store_true", help="kernel time per step and the copy-only floor")
