@@ -145,6 +145,7 @@ class Trainer:
         self.opt = make_optimizer(self.model, workload)
         if variant.startswith("w4a4"):
             calibrate(self.model, [x])
+        select_path(variant)
         self.saved_mib = saved_tensor_bytes(self.model, x) / 2**20
         self.times: list[float] = []
 
