@@ -451,8 +451,26 @@ def _run(fn, args_before: tuple, dims: tuple[int, int, int], args_after: tuple, 
         acc += accs.sum(0)
 
 
+def _memory_order(x: torch.Tensor) -> list[int] | None:
+    """The permutation that makes a dense, non-overlapping ``x`` contiguous (None if there is none)."""
+    perm = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    return perm if x.permute(perm).is_contiguous() else None
+
+
 def act_forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qn: int, qp: int) -> torch.Tensor | None:
-    """Native ``kernels.act_forward``; None where it does not apply (see :func:`_layout`)."""
+    """Native ``kernels.act_forward``; None where it does not apply (see :func:`_layout`).
+
+    A permuted view of a contiguous tensor (per-head q / k / v of shape (B, h, L, d_h) viewed
+    from (B, L, h, d_h)) is quantized in memory order; the result has ``x``'s strides, as the
+    eager kernels' result does."""
+    if not x.is_contiguous() and x.dim() > 1 and x.device.type == "cpu" and x.numel() > 0 and s.dim() <= x.dim():
+        perm = _memory_order(x)
+        if perm is None:
+            return None
+        lead = [1] * (x.dim() - s.dim())
+        s_p, z_p = (t.reshape(lead + list(t.shape)).permute(perm) for t in (s, z))
+        out = act_forward(x.permute(perm), s_p, z_p, qn, qp)
+        return None if out is None else out.permute([perm.index(d) for d in range(x.dim())])
     layout = _layout([x], [s, z]) if _exact_range(qn, qp) else None
     if layout is None or _library() is None:
         return None
