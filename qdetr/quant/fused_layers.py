@@ -253,6 +253,16 @@ def fused_quant_op(
 
     Returns:
         The op's output, bit-identical to the separate-node path, or None.
+
+    Examples:
+        >>> from qdetr.quant.config import LayerQuantSpec
+        >>> from qdetr.quant.modules import QuantLinear
+        >>> lin = QuantLinear.from_float(nn.Linear(16, 8), LayerQuantSpec(weight_bits=4, input_bits=4)).train()
+        >>> x = torch.randn(2, 5, 16)                      # (B, L, in)
+        >>> _ = lin(x)                                     # the first call calibrates (separate nodes)
+        >>> y = fused_quant_op(x, lin.weight, lin.bias, lin.weight_quantizer, lin.input_quantizer)
+        >>> y is None or torch.equal(y, lin(x))            # None where no C compiler works
+        True
     """
     w_scale = weight_quantizer.scale if weight_steps is None else weight_steps
     if not _applies(x, weight, bias, w_scale, weight_quantizer, input_quantizer, conv):
