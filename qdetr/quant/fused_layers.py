@@ -174,9 +174,22 @@ def _op_backward(conv: ConvArgs | None, grad, x_hat, w_hat, bias, mask: list[boo
     return grad_x, grad_w, grad_b
 
 
+def _clamp_passes_at_min() -> bool:
+    """Whether autograd's ``clamp_min`` backward lets the gradient through where the input equals
+    the bound (PyTorch 2.14 does not: a step sitting exactly at MIN_STEP, as a dead channel's
+    calibrated step does, gets no gradient). Asked once, so the fused node masks the same way."""
+    t = torch.full((1,), MIN_STEP, requires_grad=True)
+    (grad,) = torch.autograd.grad(t.clamp_min(MIN_STEP).sum(), t)
+    return bool(grad.item() == 1.0)
+
+
+_CLAMP_PASSES_AT_MIN = _clamp_passes_at_min()
+
+
 def _clamp_mask(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The gradient through ``scale.clamp_min(MIN_STEP)``: kept where ``scale >= MIN_STEP``."""
-    return torch.where(scale >= MIN_STEP, grad, torch.zeros((), dtype=grad.dtype))
+    """The gradient through ``scale.clamp_min(MIN_STEP)``, masked as autograd masks it."""
+    keep = scale >= MIN_STEP if _CLAMP_PASSES_AT_MIN else scale > MIN_STEP
+    return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype))
 
 
 def _separate_nodes(x, weight, bias, w_scale, wq, aq, conv, g_w) -> torch.Tensor:

@@ -123,6 +123,24 @@ def test_first_conv_step_gradients_are_the_same_sums(monkeypatch):
             assert torch.equal(a, b), name
 
 
+def test_steps_at_the_lower_bound_get_the_same_gradient(monkeypatch):
+    """A dead channel calibrates to a step of exactly MIN_STEP: the fused node masks its gradient
+    as autograd's clamp_min does."""
+    from qdetr.quant.quantizers import MIN_STEP
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(8, 4), SPEC).train()
+    x = torch.relu(torch.randn(6, 8))
+    x[:, 2] = 0.0  # a dead input channel
+    layer(x)
+    with torch.no_grad():
+        layer.input_quantizer.scale[3] = MIN_STEP
+        layer.weight_quantizer.scale[1] = MIN_STEP
+    assert layer.input_quantizer.scale[2] == torch.tensor(MIN_STEP)
+    fused = _step(layer, [x], monkeypatch=monkeypatch)
+    _assert_identical(fused, _step(layer, [x], fused=False, monkeypatch=monkeypatch))
+
+
 def _with_forward_hook(layer):
     layer.input_quantizer.register_forward_hook(lambda *args: None)
     return layer
