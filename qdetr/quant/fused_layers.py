@@ -38,7 +38,7 @@ from torch.nn.modules import module as _module_hooks
 
 from qdetr.quant import kernels, native_kernels
 from qdetr.quant.primitives import fake_quant_weight
-from qdetr.quant.quantizers import MIN_STEP, LSQActQuantizer, LSQWeightQuantizer
+from qdetr.quant.quantizers import MIN_STEP, LSQActQuantizer, LSQWeightQuantizer, _broadcast_shape
 
 __all__ = ["ConvArgs", "fused_quant_op", "fused_layer_forward"]
 
@@ -106,17 +106,6 @@ def _applies(x, weight, bias, w_scale, wq, aq, conv: ConvArgs | None) -> bool:
     return _hook_free(wq) and _hook_free(aq) and not _global_hooks()
 
 
-def _rows(x: torch.Tensor, axis: int | None) -> tuple[int, int, int]:
-    """``(P, C, Q)`` of a contiguous tensor with its steps along ``axis`` (None: one step)."""
-    if axis is None:
-        return 1, 1, x.numel()
-    c = x.shape[axis]
-    q = 1
-    for n in x.shape[axis + 1 :]:
-        q *= n
-    return x.numel() // (c * q), c, q
-
-
 class _Steps:
     """What the loops take: clamped steps and rounded zero points as contiguous (C,) tensors,
     the integer ranges, the (P, C, Q) layouts of x and W, and the LSQ gradient scales."""
@@ -129,8 +118,8 @@ class _Steps:
         self.z_a = torch.round(aq.zero_point.detach())
         self.w_range = (wq.qmin, wq.qmax)
         self.a_range = aq.qrange
-        self.w_rows = _rows(weight, 0 if wq.per_channel else None)
-        self.a_rows = _rows(x, aq._axis_for(x.dim()) if aq.per_channel else None)
+        self.w_rows = native_kernels.rows_layout(weight, 0 if wq.per_channel else None)
+        self.a_rows = native_kernels.rows_layout(x, aq._axis_for(x.dim()) if aq.per_channel else None)
         self.g_w = g_w
         self.g_a = aq.grad_scale(x)
 
@@ -194,7 +183,7 @@ def _clamp_mask(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _separate_nodes(x, weight, bias, w_scale, wq, aq, conv, g_w) -> torch.Tensor:
     """The same op through the quantizer module and the weight quantizer's autograd function."""
-    shape = [-1 if (i == 0 and wq.per_channel) else 1 for i in range(weight.dim())]
+    shape = _broadcast_shape(weight.dim(), 0, wq.per_channel)
     w_hat = fake_quant_weight(weight, w_scale.clamp_min(MIN_STEP).view(shape), wq.qmin, wq.qmax, g_w)
     return _op_forward(conv, aq(x), w_hat, bias)
 
@@ -223,20 +212,18 @@ class _FusedQuantOp(torch.autograd.Function):
         grad_xh, grad_wh, grad_b = _op_backward(conv, grad, x_hat, w_hat, bias, mask, steps_only=not need[0])
         del x_hat, w_hat
         grad_x = grad_w = grad_ws = grad_as = grad_az = None
+        # The op's gradients are fresh tensors (contiguous: ATen's convolution backward and mm
+        # return them in x̂'s and ŵ's layout); the loops write the input gradients into them.
         if grad_xh is not None:
-            if grad_xh.is_contiguous():
-                grad_x, g_s, g_z = native_kernels.act_backward_rows(
-                    x, steps.s_a, steps.z_a, grad_xh, steps.a_rows, *steps.a_range, True
-                )
-            else:
-                grad_x, g_s, g_z = kernels.act_backward(x, steps.s_a, steps.z_a, grad_xh, *steps.a_range, grad_in_place=True)
+            grad_x, g_s, g_z = native_kernels.act_backward_rows(
+                x, steps.s_a, steps.z_a, grad_xh.contiguous(), steps.a_rows, *steps.a_range, True
+            )
             grad_as = _clamp_mask((g_s * steps.g_a).view(a_scale.shape), a_scale)
             grad_az = (g_z * steps.g_a).view(a_zero.shape)
         if grad_wh is not None:
-            if grad_wh.is_contiguous():
-                grad_w, g_s = native_kernels.weight_backward_rows(weight, steps.s_w, grad_wh, steps.w_rows, *steps.w_range, True)
-            else:
-                grad_w, g_s = kernels.weight_backward(weight, steps.s_w, grad_wh, *steps.w_range, grad_in_place=True)
+            grad_w, g_s = native_kernels.weight_backward_rows(
+                weight, steps.s_w, grad_wh.contiguous(), steps.w_rows, *steps.w_range, True
+            )
             grad_ws = _clamp_mask((g_s * steps.g_w).view(w_scale.shape), w_scale)
         return grad_x, grad_w, grad_b, grad_ws, grad_as, grad_az, None, None, None, None, None
 
@@ -283,7 +270,7 @@ def fused_quant_op(
     if weight_grad_scale is None:
         weight_grad_scale = weight_quantizer.grad_scale(weight)
     steps = _Steps(x, weight, w_scale, weight_quantizer, input_quantizer, weight_grad_scale)
-    x_hat, w_hat = steps.quantized_operands(x.detach(), weight.detach())
+    x_hat, w_hat = steps.quantized_operands(x, weight)
     if not torch.is_grad_enabled():
         return _op_forward(conv, x_hat, w_hat, bias)
     aq = input_quantizer

@@ -411,14 +411,25 @@ def _layout(big: list[torch.Tensor], small: list[torch.Tensor]):
             axis = i + ndim - sdim
             if sshape[i] != shape[axis]:
                 return None
-    numel = ref.numel()
-    if axis < 0:
-        return (1, 1, numel), [t.reshape(1) for t in small]
-    c = shape[axis]
-    pre = 1
-    for n in shape[:axis]:
-        pre *= n
-    return (pre, c, numel // (pre * c)), [t.reshape(c) if t.is_contiguous() else t.reshape(c).contiguous() for t in small]
+    dims = rows_layout(ref, axis if axis >= 0 else None)
+    c = dims[1]
+    return dims, [t.reshape(c) if t.is_contiguous() else t.reshape(c).contiguous() for t in small]
+
+
+def rows_layout(x: torch.Tensor, axis: int | None) -> tuple[int, int, int]:
+    """``(P, C, Q)`` of a contiguous ``x`` whose steps run along ``axis`` (None: one step for all).
+
+    Examples:
+        >>> rows_layout(torch.empty(2, 6, 7, 9), 1), rows_layout(torch.empty(4, 5, 12), 2)
+        ((2, 6, 63), (20, 12, 1))
+    """
+    if axis is None:
+        return 1, 1, x.numel()
+    c = x.shape[axis]
+    q = 1
+    for n in x.shape[axis + 1 :]:
+        q *= n
+    return x.numel() // (c * q), c, q
 
 
 def _exact_range(qn: int, qp: int) -> bool:
